@@ -1,0 +1,135 @@
+"""Building blocks of EfficientNet. The Fused* layers have exactly the parameters,
+buffers and state_dict keys of the reference layers they replace."""
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .ops import dwconv_bn_silu_fn, resolve_backend, squeeze_excite_fn
+
+
+class ConvBNAct(nn.Sequential):
+    """Conv (no bias) + BatchNorm (+ SiLU), symmetric padding k // 2."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=1, stride=1, groups=1, act=True,
+                 bn_eps=1e-5, bn_momentum=0.1):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2,
+                              groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum)
+        if act:
+            self.act = nn.SiLU(inplace=True)
+
+
+class DWConvBNSiLU(nn.Module):
+    """Depthwise k x k conv + BatchNorm + SiLU (reference path)."""
+
+    def __init__(self, channels, kernel_size, stride, bn_eps=1e-5, bn_momentum=0.1):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size, stride, kernel_size // 2,
+                              groups=channels, bias=False)
+        self.bn = nn.BatchNorm2d(channels, eps=bn_eps, momentum=bn_momentum)
+
+    def forward(self, x):
+        return F.silu(self.bn(self.conv(x)))
+
+
+class FusedDWConvBNSiLU(DWConvBNSiLU):
+    """DWConvBNSiLU computed by one fused op; backend True/'auto' or a backend name."""
+
+    def __init__(self, channels, kernel_size, stride, bn_eps=1e-5, bn_momentum=0.1, backend=True):
+        super().__init__(channels, kernel_size, stride, bn_eps, bn_momentum)
+        self.backend = backend
+
+    def forward(self, x):
+        bn = self.bn
+        use_batch_stats = self.training or bn.running_mean is None
+        running_mean = bn.running_mean if bn.running_mean is not None else bn.weight.new_zeros(0)
+        running_var = bn.running_var if bn.running_var is not None else bn.weight.new_zeros(0)
+        out, mean, var = dwconv_bn_silu_fn(
+            x, self.conv.weight, bn.weight, bn.bias, running_mean, running_var, use_batch_stats,
+            bn.eps, self.conv.stride[0], resolve_backend(self.backend, x.device))
+        if self.training and bn.track_running_stats:
+            update_running_stats(bn, mean, var, out.numel() // out.shape[1])
+        return out
+
+    def extra_repr(self):
+        return f"backend={self.backend!r}"
+
+
+@torch.no_grad()
+def update_running_stats(bn, mean, var, count):
+    """The running-statistics update of nn.BatchNorm2d in training mode, given the
+    batch mean and biased variance over `count` values per channel."""
+    bn.num_batches_tracked.add_(1)
+    momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    unbiased = var * (count / max(count - 1, 1))
+    bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
+    bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
+
+
+class SqueezeExcitation(nn.Module):
+    """x * sigmoid(fc2(silu(fc1(avgpool(x))))), fc1/fc2 1x1 convs with bias."""
+
+    def __init__(self, channels, reduced_channels):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, reduced_channels, 1)
+        self.fc2 = nn.Conv2d(reduced_channels, channels, 1)
+
+    def forward(self, x):
+        gate = torch.sigmoid(self.fc2(F.silu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        return x * gate
+
+
+class FusedSqueezeExcitation(SqueezeExcitation):
+    def __init__(self, channels, reduced_channels, backend=True):
+        super().__init__(channels, reduced_channels)
+        self.backend = backend
+
+    def forward(self, x):
+        return squeeze_excite_fn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                                 resolve_backend(self.backend, x.device))
+
+    def extra_repr(self):
+        return f"backend={self.backend!r}"
+
+
+class StochasticDepth(nn.Module):
+    """Drops the whole residual branch per sample with probability p in training
+    (scaling survivors by 1 / (1 - p)), as torchvision's 'row' mode."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0], 1, 1, 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+class MBConv(nn.Module):
+    """Inverted residual: 1x1 expand, depthwise, squeeze-excitation, 1x1 project."""
+
+    def __init__(self, in_channels, out_channels, expand_ratio, kernel_size, stride, drop_prob,
+                 se_ratio=0.25, bn_eps=1e-5, bn_momentum=0.1):
+        super().__init__()
+        bn = dict(bn_eps=bn_eps, bn_momentum=bn_momentum)
+        mid = in_channels * expand_ratio
+        self.expand = ConvBNAct(in_channels, mid, 1, **bn) if expand_ratio != 1 else None
+        self.dw = DWConvBNSiLU(mid, kernel_size, stride, **bn)
+        self.se = SqueezeExcitation(mid, max(1, int(in_channels * se_ratio)))
+        self.project = ConvBNAct(mid, out_channels, 1, act=False, **bn)
+        self.use_residual = stride == 1 and in_channels == out_channels
+        self.drop_path = StochasticDepth(drop_prob) if self.use_residual else nn.Identity()
+
+    def forward(self, x):
+        out = x if self.expand is None else self.expand(x)
+        out = self.project(self.se(self.dw(out)))
+        if self.use_residual:
+            out = self.drop_path(out) + x
+        return out

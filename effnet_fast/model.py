@@ -1,0 +1,210 @@
+"""EfficientNet B0-B7 (Tan & Le, 2019) described as data and built by a small builder."""
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .layers import (ConvBNAct, DWConvBNSiLU, FusedDWConvBNSiLU, FusedSqueezeExcitation, MBConv,
+                     SqueezeExcitation)
+
+
+@dataclass(frozen=True)
+class Stage:
+    expand_ratio: int
+    channels: int
+    repeats: int
+    stride: int
+    kernel_size: int
+
+
+# B0, the base network found by the architecture search.
+B0_STAGES = (
+    Stage(1, 16, 1, 1, 3),
+    Stage(6, 24, 2, 2, 3),
+    Stage(6, 40, 2, 2, 5),
+    Stage(6, 80, 3, 2, 3),
+    Stage(6, 112, 3, 1, 5),
+    Stage(6, 192, 4, 2, 5),
+    Stage(6, 320, 1, 1, 3),
+)
+STEM_CHANNELS = 32
+HEAD_CHANNELS = 1280
+
+
+@dataclass(frozen=True)
+class Variant:
+    width: float
+    depth: float
+    resolution: int
+    dropout: float
+    bn_eps: float = 1e-5
+    bn_momentum: float = 0.1
+
+
+# The official (width, depth, resolution, dropout), set by hand in the reference code.
+# BatchNorm settings follow torchvision: PyTorch defaults for B0-B4, eps 1e-3 and
+# momentum 0.01 for B5-B7.
+VARIANTS = {
+    "b0": Variant(1.0, 1.0, 224, 0.2),
+    "b1": Variant(1.0, 1.1, 240, 0.2),
+    "b2": Variant(1.1, 1.2, 260, 0.3),
+    "b3": Variant(1.2, 1.4, 300, 0.3),
+    "b4": Variant(1.4, 1.8, 380, 0.4),
+    "b5": Variant(1.6, 2.2, 456, 0.4, 1e-3, 0.01),
+    "b6": Variant(1.8, 2.6, 528, 0.5, 1e-3, 0.01),
+    "b7": Variant(2.0, 3.1, 600, 0.5, 1e-3, 0.01),
+}
+
+
+def round_channels(channels, width, divisor=8):
+    """Scale a channel count by `width` and round to a multiple of `divisor`,
+    never more than 10% below the exact value."""
+    exact = channels * width
+    rounded = max(divisor, int(exact + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * exact:
+        rounded += divisor
+    return rounded
+
+
+def round_repeats(repeats, depth):
+    return int(math.ceil(repeats * depth))
+
+
+def compound_scaling(phi, alpha=1.2, beta=1.1, gamma=1.15, base_resolution=224):
+    """The paper's compound scaling: depth alpha**phi, width beta**phi and
+    resolution gamma**phi, with alpha * beta**2 * gamma**2 close to 2 so that
+    each unit of phi about doubles the FLOPs. Returns (width, depth, resolution)."""
+    return beta ** phi, alpha ** phi, int(round(base_resolution * gamma ** phi))
+
+
+def _check_fused(fused):
+    from .ops.backends import BACKENDS
+    if fused is False or fused is None or fused is True or fused in BACKENDS + ("auto", "reference", "cuda_emu"):
+        return
+    raise ValueError(f"fused must be False, True, 'auto' or one of {BACKENDS}, got {fused!r}")
+
+
+class EfficientNet(nn.Module):
+    """EfficientNet B0-B7.
+
+    version: "b0".."b7" (case-insensitive), or None with width/depth/resolution given
+      (see `EfficientNet.from_phi`).
+    fused: False for the pure-PyTorch layers; True (or "auto") for the fastest built
+      backend of the input's device; "cpu", "cuda" or "triton" to force one.
+    Other arguments override the variant's defaults.
+    """
+
+    def __init__(self, version="b0", num_classes=1000, fused=False, *, width=None, depth=None,
+                 resolution=None, dropout=None, stochastic_depth=0.2, bn_eps=None, bn_momentum=None,
+                 in_channels=3):
+        super().__init__()
+        if version is not None:
+            key = str(version).lower()
+            if key not in VARIANTS:
+                raise ValueError(f"unknown EfficientNet version {version!r}; choose one of {sorted(VARIANTS)}")
+            base = VARIANTS[key]
+        else:
+            if width is None or depth is None:
+                raise ValueError("a custom EfficientNet (version=None) needs width and depth")
+            base = Variant(width, depth, resolution or 224, 0.2)
+        _check_fused(fused)
+        self.version = None if version is None else key
+        self.width = width if width is not None else base.width
+        self.depth = depth if depth is not None else base.depth
+        self.resolution = resolution if resolution is not None else base.resolution
+        self.in_channels = in_channels
+        bn = dict(bn_eps=base.bn_eps if bn_eps is None else bn_eps,
+                  bn_momentum=base.bn_momentum if bn_momentum is None else bn_momentum)
+
+        stem = round_channels(STEM_CHANNELS, self.width)
+        self.stem = ConvBNAct(in_channels, stem, 3, stride=2, **bn)
+        self.blocks = self._build_blocks(stem, stochastic_depth, bn)
+        last = round_channels(B0_STAGES[-1].channels, self.width)
+        head = round_channels(HEAD_CHANNELS, self.width)
+        self.head = ConvBNAct(last, head, 1, **bn)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(base.dropout if dropout is None else dropout, inplace=True)
+        self.classifier = nn.Linear(head, num_classes)
+        self._init_weights()
+        self.fused = False
+        if fused:
+            self.set_fused(fused)
+
+    def _build_blocks(self, in_channels, stochastic_depth, bn):
+        total = sum(round_repeats(s.repeats, self.depth) for s in B0_STAGES)
+        stages, index = [], 0
+        for spec in B0_STAGES:
+            out_channels = round_channels(spec.channels, self.width)
+            blocks = []
+            for j in range(round_repeats(spec.repeats, self.depth)):
+                blocks.append(MBConv(in_channels, out_channels, spec.expand_ratio, spec.kernel_size,
+                                     spec.stride if j == 0 else 1, stochastic_depth * index / total, **bn))
+                in_channels, index = out_channels, index + 1
+            stages.append(nn.Sequential(*blocks))
+        return nn.Sequential(*stages)
+
+    def _init_weights(self):
+        # As torchvision: He (fan-out) for convs, uniform(1/sqrt(out)) for the classifier.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                bound = 1.0 / math.sqrt(m.out_features)
+                nn.init.uniform_(m.weight, -bound, bound)
+                nn.init.zeros_(m.bias)
+
+    @classmethod
+    def from_phi(cls, phi, num_classes=1000, alpha=1.2, beta=1.1, gamma=1.15, **kwargs):
+        """A custom model scaled from B0 by the compound coefficient phi."""
+        width, depth, resolution = compound_scaling(phi, alpha, beta, gamma)
+        return cls(None, num_classes, width=width, depth=depth, resolution=resolution, **kwargs)
+
+    def set_fused(self, fused):
+        """Switch every depthwise and SE layer to the fused op (`fused` a backend or
+        True) or back to the reference layers (False); parameters are shared."""
+        _check_fused(fused)
+        for block in self.mbconv_blocks():
+            block.dw = _swap(block.dw, FusedDWConvBNSiLU if fused else DWConvBNSiLU, fused)
+            block.se = _swap(block.se, FusedSqueezeExcitation if fused else SqueezeExcitation, fused)
+        self.fused = fused or False
+        return self
+
+    def mbconv_blocks(self):
+        return [m for m in self.modules() if isinstance(m, MBConv)]
+
+    def forward_features(self, x):
+        if x.dim() != 4:
+            raise ValueError(f"EfficientNet expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"EfficientNet expects {self.in_channels} input channels, got {x.shape[1]} "
+                             f"(input shape {tuple(x.shape)})")
+        return self.head(self.blocks(self.stem(x)))
+
+    def forward(self, x):
+        x = self.pool(self.forward_features(x)).flatten(1)
+        return self.classifier(self.dropout(x))
+
+    def extra_repr(self):
+        return (f"version={self.version!r}, width={self.width}, depth={self.depth}, "
+                f"resolution={self.resolution}, fused={self.fused!r}")
+
+
+def _swap(module, cls, backend):
+    """`module` as an instance of `cls`, sharing its parameters and buffers."""
+    if type(module) is cls:
+        if backend:
+            module.backend = backend
+        return module
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    if backend:
+        new.backend = backend
+    else:
+        new.__dict__.pop("backend", None)
+    return new

@@ -1,0 +1,116 @@
+"""Differentiable depthwise conv + BatchNorm + SiLU, on top of a backend's kernels.
+
+Forward: training mode computes the batch statistics of the conv output with one
+kernel, then normalises + SiLU with a second pass that recomputes the conv (eval
+mode folds the running statistics and makes one pass). Backward saves only x, the
+weights and per-channel vectors and recomputes the conv output:
+  pass 1  per-channel sums of dz and dz * (y - mean)        (dz = grad * silu'(z))
+  pass 2  dy = a * dz + b * y + c, then grad_x and grad_weight of the conv.
+"""
+import torch
+
+from .backends import kernels
+from .common import acc_dtype, as_supported_layout, memory_format_of
+
+KERNEL_SIZES = (3, 5)
+STRIDES = (1, 2)
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_inputs(x, weight, bn_weight, bn_bias, stride):
+    """Raise a ValueError/TypeError naming what is wrong with the inputs."""
+    if x.dim() != 4:
+        raise ValueError(f"dwconv_bn_silu: expected a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    if weight.dim() != 4 or weight.shape[0] != c or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"dwconv_bn_silu: depthwise weight must be ({c}, 1, k, k) for {c} channels, "
+                         f"got {tuple(weight.shape)}")
+    k = weight.shape[-1]
+    if k not in KERNEL_SIZES:
+        raise ValueError(f"dwconv_bn_silu: unsupported kernel size {k}; supported: {KERNEL_SIZES}")
+    if stride not in STRIDES:
+        raise ValueError(f"dwconv_bn_silu: unsupported stride {stride}; supported: {STRIDES}")
+    if x.numel() == 0:
+        raise ValueError(f"dwconv_bn_silu: empty input of shape {tuple(x.shape)}")
+    if x.dtype not in DTYPES:
+        raise TypeError(f"dwconv_bn_silu: unsupported dtype {x.dtype}; supported: {DTYPES}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"dwconv_bn_silu: weight dtype {weight.dtype} differs from input dtype {x.dtype}")
+    for name, t in (("weight", weight), ("bn_weight", bn_weight), ("bn_bias", bn_bias)):
+        if t.device != x.device:
+            raise ValueError(f"dwconv_bn_silu: {name} is on {t.device}, input on {x.device}")
+    if bn_weight.shape != (c,) or bn_bias.shape != (c,):
+        raise ValueError(f"dwconv_bn_silu: BatchNorm weight and bias must have shape ({c},)")
+
+
+def out_size(size, k, stride):
+    return (size + 2 * (k // 2) - k) // stride + 1
+
+
+def _fold(bn_weight, bn_bias, mean, var, eps):
+    invstd = torch.rsqrt(var + eps)
+    scale = bn_weight.to(mean.dtype) * invstd
+    return invstd, scale, bn_bias.to(mean.dtype) - mean * scale
+
+
+@torch.library.custom_op("effnet_fast::dwconv_bn_silu", mutates_args=())
+def dwconv_bn_silu(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
+                   running_mean: torch.Tensor, running_var: torch.Tensor, training: bool, eps: float,
+                   stride: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (silu(bn(dwconv(x))), mean, biased var) where mean/var are the batch
+    statistics in training mode and copies of the running ones in eval mode."""
+    k = kernels(backend)
+    acc = acc_dtype(x.dtype)
+    if training:
+        mean, var = k.dwconv_bn_silu_stats(x, weight, stride)
+    else:
+        mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
+    _, scale, shift = _fold(bn_weight, bn_bias, mean, var, eps)
+    return k.dwconv_bn_silu_forward(x, weight, scale, shift, stride), mean, var
+
+
+@dwconv_bn_silu.register_fake
+def _(x, weight, bn_weight, bn_bias, running_mean, running_var, training, eps, stride, backend):
+    n, c, h, w = x.shape
+    k = weight.shape[-1]
+    out = x.new_empty((n, c, out_size(h, k, stride), out_size(w, k, stride)))
+    out = out.contiguous(memory_format=memory_format_of(x))
+    acc = acc_dtype(x.dtype)
+    return out, x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bn_weight, bn_bias, _, _, training, eps, stride, backend = inputs
+    _, mean, var = output
+    ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, var)
+    ctx.training, ctx.eps, ctx.stride, ctx.backend = training, eps, stride, backend
+
+
+def _backward(ctx, grad_out, _grad_mean, _grad_var):
+    x, weight, bn_weight, bn_bias, mean, var = ctx.saved_tensors
+    k = kernels(ctx.backend)
+    grad_out = grad_out.contiguous(memory_format=memory_format_of(x))
+    invstd, scale, shift = _fold(bn_weight, bn_bias, mean, var, ctx.eps)
+    sum_dz, sum_dz_xmu = k.dwconv_bn_silu_backward_reduce(grad_out, x, weight, scale, shift, mean, ctx.stride)
+    if ctx.training:
+        # Batch statistics depend on y: dy = scale * (dz - mean(dz) - xhat * mean(dz * xhat)).
+        count = grad_out.numel() // grad_out.shape[1]
+        coef_a = scale
+        coef_b = -scale * invstd * invstd * sum_dz_xmu / count
+        coef_c = -scale * sum_dz / count - coef_b * mean
+    else:
+        coef_a, coef_b, coef_c = scale, torch.zeros_like(scale), torch.zeros_like(scale)
+    grad_x, grad_weight = k.dwconv_bn_silu_backward(grad_out, x, weight, scale, shift,
+                                                    coef_a, coef_b, coef_c, ctx.stride)
+    grad_bn_weight = (sum_dz_xmu * invstd).to(bn_weight.dtype)
+    return grad_x, grad_weight, grad_bn_weight, sum_dz.to(bn_bias.dtype), None, None, None, None, None, None
+
+
+torch.library.register_autograd("effnet_fast::dwconv_bn_silu", _backward, setup_context=_setup_context)
+
+
+def dwconv_bn_silu_fn(x, weight, bn_weight, bn_bias, running_mean, running_var, training, eps, stride, backend):
+    """Validate, bring x to a supported layout and call the op."""
+    check_inputs(x, weight, bn_weight, bn_bias, stride)
+    return dwconv_bn_silu(as_supported_layout(x), weight.contiguous(), bn_weight, bn_bias,
+                          running_mean, running_var, training, eps, stride, backend)

@@ -1,0 +1,84 @@
+"""Differentiable squeeze-excitation on top of a backend's kernels:
+out = x * sigmoid(fc2(silu(fc1(mean_hw(x))))).
+
+The pool and the channel-wise scale are kernels (they touch every pixel); the two
+tiny fully-connected layers stay in torch. Backward saves x and the pooled (N, C)
+vector only: grad_x = grad * gate + dpool / (H * W), in one pass after one reduction.
+"""
+import torch
+import torch.nn.functional as F
+
+from .backends import kernels
+from .common import acc_dtype, as_supported_layout, memory_format_of
+
+
+def check_inputs(x, w1, b1, w2, b2):
+    if x.dim() != 4:
+        raise ValueError(f"squeeze_excite: expected a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+    c = x.shape[1]
+    if w1.dim() != 4 or w1.shape[1] != c or w1.shape[2:] != (1, 1):
+        raise ValueError(f"squeeze_excite: fc1 weight must be (C_reduced, {c}, 1, 1), got {tuple(w1.shape)}")
+    if w2.shape != (c, w1.shape[0], 1, 1):
+        raise ValueError(f"squeeze_excite: fc2 weight must be ({c}, {w1.shape[0]}, 1, 1), got {tuple(w2.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"squeeze_excite: empty input of shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"squeeze_excite: unsupported dtype {x.dtype}")
+    for name, t in (("fc1 weight", w1), ("fc1 bias", b1), ("fc2 weight", w2), ("fc2 bias", b2)):
+        if t.device != x.device:
+            raise ValueError(f"squeeze_excite: {name} is on {t.device}, input on {x.device}")
+
+
+def _gate_parts(pooled, w1, b1, w2, b2):
+    acc = pooled.dtype
+    a1 = F.linear(pooled, w1.flatten(1).to(acc), b1.to(acc))
+    s1 = F.silu(a1)
+    gate = torch.sigmoid(F.linear(s1, w2.flatten(1).to(acc), b2.to(acc)))
+    return a1, s1, gate
+
+
+@torch.library.custom_op("effnet_fast::squeeze_excite", mutates_args=())
+def squeeze_excite(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out, pooled); pooled is the (N, C) mean kept for backward."""
+    k = kernels(backend)
+    pooled = k.se_pool(x)
+    _, _, gate = _gate_parts(pooled, w1, b1, w2, b2)
+    return k.se_scale(x, gate, None), pooled
+
+
+@squeeze_excite.register_fake
+def _(x, w1, b1, w2, b2, backend):
+    out = torch.empty_like(x, memory_format=memory_format_of(x))
+    return out, x.new_empty(x.shape[:2], dtype=acc_dtype(x.dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, backend = inputs
+    ctx.save_for_backward(x, w1, b1, w2, b2, output[1])
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_out, _grad_pooled):
+    x, w1, b1, w2, b2, pooled = ctx.saved_tensors
+    k = kernels(ctx.backend)
+    grad_out = grad_out.contiguous(memory_format=memory_format_of(x))
+    a1, s1, gate = _gate_parts(pooled, w1, b1, w2, b2)
+    grad_gate = k.se_gate_grad(grad_out, x)
+    grad_a2 = grad_gate * gate * (1 - gate)
+    sig1 = torch.sigmoid(a1)
+    grad_a1 = (grad_a2 @ w2.flatten(1).to(gate.dtype)) * sig1 * (1 + a1 * (1 - sig1))
+    grad_pooled = grad_a1 @ w1.flatten(1).to(gate.dtype)
+    hw = x.shape[2] * x.shape[3]
+    grad_x = k.se_scale(grad_out, gate, grad_pooled / hw)
+    grad_w1 = (grad_a1.t() @ pooled).view_as(w1).to(w1.dtype)
+    grad_w2 = (grad_a2.t() @ s1).view_as(w2).to(w2.dtype)
+    return (grad_x, grad_w1, grad_a1.sum(0).to(b1.dtype), grad_w2, grad_a2.sum(0).to(b2.dtype), None)
+
+
+torch.library.register_autograd("effnet_fast::squeeze_excite", _backward, setup_context=_setup_context)
+
+
+def squeeze_excite_fn(x, w1, b1, w2, b2, backend):
+    check_inputs(x, w1, b1, w2, b2)
+    return squeeze_excite(as_supported_layout(x), w1, b1, w2, b2, backend)[0]
