@@ -23,8 +23,8 @@ def check_inputs(x, weight, bn_weight, bn_bias, stride):
         raise ValueError(f"dwconv_bn_silu: expected a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
     n, c, h, w = x.shape
     if weight.dim() != 4 or weight.shape[0] != c or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
-        raise ValueError(f"dwconv_bn_silu: depthwise weight must be ({c}, 1, k, k) for {c} channels, "
-                         f"got {tuple(weight.shape)}")
+        raise ValueError(f"dwconv_bn_silu: input has {c} channels but the depthwise weight has shape "
+                         f"{tuple(weight.shape)}; expected ({c}, 1, k, k)")
     k = weight.shape[-1]
     if k not in KERNEL_SIZES:
         raise ValueError(f"dwconv_bn_silu: unsupported kernel size {k}; supported: {KERNEL_SIZES}")

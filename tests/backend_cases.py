@@ -1,0 +1,54 @@
+"""Backends, dtypes and tolerances shared by the op tests."""
+import pytest
+import torch
+
+from effnet_fast.ops.backends import _why_unusable
+
+# (dtype, atol, rtol) against the reference computed in float32/64 on the same
+# (rounded) inputs.
+TOLERANCES = {
+    torch.float64: (1e-9, 1e-9),
+    torch.float32: (2e-4, 2e-4),
+    torch.float16: (2e-2, 2e-2),
+    torch.bfloat16: (6e-2, 6e-2),
+}
+
+# dtypes each backend claims, as run in the tests.
+BACKEND_DTYPES = {
+    "cpu": (torch.float32, torch.float64, torch.bfloat16),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
+    "cuda_emu": (torch.float32, torch.float64),
+    "reference": (torch.float32, torch.float64),
+}
+# Backends that run float64 and so take torch.autograd.gradcheck.
+GRADCHECK_BACKENDS = ("cpu", "cuda_emu", "reference")
+
+
+def backend_params(with_dtypes=False):
+    """(backend, device) pairs, or (backend, device, dtype) triples: every backend that
+    runs on CPU tensors here, and the GPU backends on a CUDA device when there is
+    one; each skips saying why."""
+    pairs = [("reference", "cpu"), ("cpu", "cpu"), ("triton", "cpu"), ("cuda_emu", "cpu"),
+             ("cuda", "cuda"), ("triton", "cuda")]
+    params = []
+    for backend, device in pairs:
+        if device == "cuda" and not torch.cuda.is_available():
+            why = "no CUDA device"
+        else:
+            why = _why_unusable(backend, torch.device(device))
+        marks = [pytest.mark.skipif(why is not None, reason=str(why))]
+        if device == "cuda":
+            marks.append(pytest.mark.cuda)
+        if with_dtypes:
+            params += [pytest.param(backend, device, dtype, marks=marks,
+                                    id=f"{backend}-{device}-{str(dtype)[6:]}") for dtype in BACKEND_DTYPES[backend]]
+        else:
+            params.append(pytest.param(backend, device, marks=marks, id=f"{backend}-{device}"))
+    return params
+
+
+def assert_close(actual, expected, dtype, name, scale=1.0):
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.to(expected.dtype), expected, atol=atol * scale, rtol=rtol * scale,
+                               msg=lambda m: f"{name}: {m}")
