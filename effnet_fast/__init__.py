@@ -1,7 +1,7 @@
 """effnet_fast: EfficientNet B0-B7 with fused kernels for its hot layers."""
-from .model import VARIANTS, EfficientNet, compound_scaling, round_channels, round_repeats
+from .model import VARIANTS, EfficientNet, compound_scaling, round_channels, round_repeats, set_fused
 from .ops import BACKENDS, build_info
 
 __version__ = "0.1.0"
-__all__ = ["EfficientNet", "VARIANTS", "compound_scaling", "round_channels", "round_repeats", "BACKENDS",
+__all__ = ["EfficientNet", "VARIANTS", "compound_scaling", "round_channels", "round_repeats", "set_fused", "BACKENDS",
            "build_info", "__version__"]

@@ -4,7 +4,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .ops import dwconv_bn_silu_fn, resolve_backend, squeeze_excite_fn
+from .ops import dwconv_bn_silu_fn, resolve_backend, squeeze_excite_fn, squeeze_excite_project_fn
+from .ops.bn_silu import bn_silu
 
 
 class ConvBNAct(nn.Sequential):
@@ -18,6 +19,14 @@ class ConvBNAct(nn.Sequential):
         self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum)
         if act:
             self.act = nn.SiLU(inplace=True)
+
+
+class FusedConvBNAct(ConvBNAct):
+    """ConvBNAct whose BatchNorm + SiLU keeps only the conv output for backward."""
+
+    def forward(self, x):
+        y = self.conv(x)
+        return bn_silu(y, self.bn) if hasattr(self, "act") else self.bn(y)
 
 
 class DWConvBNSiLU(nn.Module):
@@ -89,6 +98,11 @@ class FusedSqueezeExcitation(SqueezeExcitation):
         return squeeze_excite_fn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                                  resolve_backend(self.backend, x.device))
 
+    def forward_project(self, x, conv):
+        """conv(self(x)) for a 1x1 conv without bias, never storing self(x)."""
+        return squeeze_excite_project_fn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                                         conv.weight, resolve_backend(self.backend, x.device))
+
     def extra_repr(self):
         return f"backend={self.backend!r}"
 
@@ -128,8 +142,11 @@ class MBConv(nn.Module):
         self.drop_path = StochasticDepth(drop_prob) if self.use_residual else nn.Identity()
 
     def forward(self, x):
-        out = x if self.expand is None else self.expand(x)
-        out = self.project(self.se(self.dw(out)))
+        out = self.dw(x if self.expand is None else self.expand(x))
+        if isinstance(self.se, FusedSqueezeExcitation):
+            out = self.project.bn(self.se.forward_project(out, self.project.conv))
+        else:
+            out = self.project(self.se(out))
         if self.use_residual:
             out = self.drop_path(out) + x
         return out

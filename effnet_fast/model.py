@@ -5,8 +5,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import (ConvBNAct, DWConvBNSiLU, FusedDWConvBNSiLU, FusedSqueezeExcitation, MBConv,
-                     SqueezeExcitation)
+from .layers import (ConvBNAct, DWConvBNSiLU, FusedConvBNAct, FusedDWConvBNSiLU, FusedSqueezeExcitation,
+                     MBConv, SqueezeExcitation)
 
 
 @dataclass(frozen=True)
@@ -166,12 +166,9 @@ class EfficientNet(nn.Module):
         return cls(None, num_classes, width=width, depth=depth, resolution=resolution, **kwargs)
 
     def set_fused(self, fused):
-        """Switch every depthwise and SE layer to the fused op (`fused` a backend or
-        True) or back to the reference layers (False); parameters are shared."""
-        _check_fused(fused)
-        for block in self.mbconv_blocks():
-            block.dw = _swap(block.dw, FusedDWConvBNSiLU if fused else DWConvBNSiLU, fused)
-            block.se = _swap(block.se, FusedSqueezeExcitation if fused else SqueezeExcitation, fused)
+        """Switch to the fused ops (`fused` True or a backend name) or back to the
+        reference layers (False), in place; see `set_fused`."""
+        set_fused(self, fused)
         self.fused = fused or False
         return self
 
@@ -195,16 +192,30 @@ class EfficientNet(nn.Module):
                 f"resolution={self.resolution}, fused={self.fused!r}")
 
 
+_FUSED = {DWConvBNSiLU: FusedDWConvBNSiLU, SqueezeExcitation: FusedSqueezeExcitation, ConvBNAct: FusedConvBNAct}
+_REFERENCE = {fused: ref for ref, fused in _FUSED.items()}
+
+
+def set_fused(module, fused):
+    """Swap, in place, every depthwise conv-BN-SiLU and squeeze-excitation layer below
+    `module` for its fused version on backend `fused` (True or a name), or back to
+    the reference layer (False). Parameters and buffers are shared, so state_dict
+    keys do not change. The fused model also keeps only the conv output of each
+    1x1 conv + BN + SiLU for backward (recomputing BN + SiLU), saving memory."""
+    _check_fused(fused)
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            ref_cls = _REFERENCE.get(type(child), type(child))
+            if ref_cls in _FUSED:
+                setattr(parent, name, _swap(child, _FUSED[ref_cls] if fused else ref_cls, fused))
+    return module
+
+
 def _swap(module, cls, backend):
     """`module` as an instance of `cls`, sharing its parameters and buffers."""
-    if type(module) is cls:
-        if backend:
-            module.backend = backend
-        return module
     new = cls.__new__(cls)
     new.__dict__.update(module.__dict__)
-    if backend:
+    new.__dict__.pop("backend", None)
+    if backend and cls in (FusedDWConvBNSiLU, FusedSqueezeExcitation):
         new.backend = backend
-    else:
-        new.__dict__.pop("backend", None)
     return new

@@ -3,17 +3,13 @@ import pytest
 import torch
 
 from backend_cases import backend_params
-from effnet_fast.layers import FusedDWConvBNSiLU, FusedSqueezeExcitation
+from effnet_fast.layers import MBConv
+from effnet_fast.model import set_fused
 
 
-class Block(torch.nn.Module):
-    def __init__(self, backend):
-        super().__init__()
-        self.dw = FusedDWConvBNSiLU(8, 3, 2, backend=backend)
-        self.se = FusedSqueezeExcitation(8, 2, backend=backend)
-
-    def forward(self, x):
-        return self.se(self.dw(x))
+def Block(backend):
+    """An MBConv block with every fused op: 1x1 BN+SiLU, depthwise, SE + projection."""
+    return set_fused(MBConv(8, 8, 4, 3, 1, drop_prob=0.0), backend)
 
 
 def run(model, x):
@@ -35,8 +31,9 @@ def test_fullgraph_compile_matches_eager(backend, device, compiler):
     x = torch.randn(2, 8, 9, 9, device=device)
     out_e, grad_e = run(eager, x)
     out_c, grad_c = run(compiled, x)
-    torch.testing.assert_close(out_c, out_e)
-    torch.testing.assert_close(grad_c, grad_e)
+    torch.testing.assert_close(out_c, out_e, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_c, grad_e, atol=1e-5, rtol=1e-5)
     for (name, p_e), p_c in zip(eager.named_parameters(), compiled_model.parameters()):
-        torch.testing.assert_close(p_c.grad, p_e.grad, msg=lambda m: f"{name}: {m}")
-    torch.testing.assert_close(compiled_model.dw.bn.running_mean, eager.dw.bn.running_mean)
+        torch.testing.assert_close(p_c.grad, p_e.grad, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    for (name, b_e), b_c in zip(eager.named_buffers(), compiled_model.buffers()):
+        torch.testing.assert_close(b_c, b_e, msg=lambda m: f"{name}: {m}")

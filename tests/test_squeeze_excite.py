@@ -4,7 +4,7 @@ import torch
 
 from backend_cases import GRADCHECK_BACKENDS, assert_close, backend_params
 from effnet_fast.layers import FusedSqueezeExcitation, SqueezeExcitation
-from effnet_fast.ops import kernels, squeeze_excite
+from effnet_fast.ops import kernels, squeeze_excite, squeeze_excite_project
 from effnet_fast.ops.common import acc_dtype
 
 # (N, C, C_reduced, H, W): B0-like widths scaled down, odd and 1x1 planes, batch 1.
@@ -84,3 +84,38 @@ def test_bad_inputs_raise_clear_errors():
         layer(torch.randn(8, 4, 4))
     with pytest.raises(ValueError, match="fc1 weight"):
         layer(torch.randn(1, 6, 4, 4))
+
+
+@pytest.mark.parametrize("backend,device,dtype", backend_params(with_dtypes=True))
+def test_project_matches_reference(backend, device, dtype):
+    """SE followed by the block's 1x1 projection, fused so that x * gate is not stored."""
+    torch.manual_seed(4)
+    for n, c, cr, h, w in (CUDA_CASES if device == "cuda" else CASES)[:2]:
+        ref, fused = make_pair(c, cr, dtype, device, backend)
+        conv_ref = torch.nn.Conv2d(c, 12, 1, bias=False).to(device, acc_dtype(dtype))
+        conv = torch.nn.Conv2d(c, 12, 1, bias=False).to(device, dtype)
+        conv.load_state_dict(conv_ref.state_dict())
+        conv_ref.load_state_dict({k: v.to(acc_dtype(dtype)) for k, v in conv.state_dict().items()})
+        x = (torch.randn(n, c, h, w, device=device) + 0.3).to(dtype).to(memory_format=torch.channels_last)
+        x_ref = x.detach().to(acc_dtype(dtype)).requires_grad_()
+        x_fused = x.detach().clone().requires_grad_()
+        out_ref, out = conv_ref(ref(x_ref)), fused.forward_project(x_fused, conv)
+        assert_close(out, out_ref, dtype, "output")
+        grad = torch.randn_like(out_ref)
+        out_ref.backward(grad)
+        out.backward(grad.to(dtype))
+        assert_close(x_fused.grad, x_ref.grad, dtype, "grad input")
+        scale = 1.0 if dtype in (torch.float32, torch.float64) else 4.0
+        assert_close(conv.weight.grad, conv_ref.weight.grad, dtype, "grad projection weight", scale)
+        for name in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
+            assert_close(fused.get_parameter(name).grad, ref.get_parameter(name).grad, dtype, f"grad {name}", scale)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] in GRADCHECK_BACKENDS])
+def test_project_gradcheck_and_opcheck(backend, device):
+    torch.manual_seed(5)
+    dt = dict(dtype=torch.float64, device=device, requires_grad=True)
+    args = (torch.randn(2, 6, 4, 3, **dt), torch.randn(2, 6, 1, 1, **dt), torch.randn(2, **dt),
+            torch.randn(6, 2, 1, 1, **dt), torch.randn(6, **dt), torch.randn(5, 6, 1, 1, **dt))
+    assert torch.autograd.gradcheck(lambda *a: squeeze_excite_project(*a, backend)[0], args, eps=1e-6, atol=1e-6)
+    torch.library.opcheck(torch.ops.effnet_fast.squeeze_excite_project.default, args + (backend,))

@@ -59,26 +59,76 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _backward(ctx, grad_out, _grad_pooled):
-    x, w1, b1, w2, b2, pooled = ctx.saved_tensors
-    k = kernels(ctx.backend)
-    grad_out = grad_out.contiguous(memory_format=memory_format_of(x))
+def _se_backward(k, grad_scaled, x, w1, b1, w2, b2, pooled):
+    """Gradients of (x, w1, b1, w2, b2) given the gradient of x * gate."""
+    grad_scaled = grad_scaled.contiguous(memory_format=memory_format_of(x))
     a1, s1, gate = _gate_parts(pooled, w1, b1, w2, b2)
-    grad_gate = k.se_gate_grad(grad_out, x)
+    grad_gate = k.se_gate_grad(grad_scaled, x)
     grad_a2 = grad_gate * gate * (1 - gate)
     sig1 = torch.sigmoid(a1)
     grad_a1 = (grad_a2 @ w2.flatten(1).to(gate.dtype)) * sig1 * (1 + a1 * (1 - sig1))
     grad_pooled = grad_a1 @ w1.flatten(1).to(gate.dtype)
     hw = x.shape[2] * x.shape[3]
-    grad_x = k.se_scale(grad_out, gate, grad_pooled / hw)
+    grad_x = k.se_scale(grad_scaled, gate, grad_pooled / hw)
     grad_w1 = (grad_a1.t() @ pooled).view_as(w1).to(w1.dtype)
     grad_w2 = (grad_a2.t() @ s1).view_as(w2).to(w2.dtype)
-    return (grad_x, grad_w1, grad_a1.sum(0).to(b1.dtype), grad_w2, grad_a2.sum(0).to(b2.dtype), None)
+    return grad_x, grad_w1, grad_a1.sum(0).to(b1.dtype), grad_w2, grad_a2.sum(0).to(b2.dtype)
+
+
+def _backward(ctx, grad_out, _grad_pooled):
+    x, w1, b1, w2, b2, pooled = ctx.saved_tensors
+    return _se_backward(kernels(ctx.backend), grad_out, x, w1, b1, w2, b2, pooled) + (None,)
 
 
 torch.library.register_autograd("effnet_fast::squeeze_excite", _backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("effnet_fast::squeeze_excite_project", mutates_args=())
+def squeeze_excite_project(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                           b2: torch.Tensor, w_proj: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squeeze-excitation followed by a 1x1 conv (no bias): (conv1x1(x * gate), pooled).
+    x * gate is never kept: backward recomputes it, so the pair saves x alone."""
+    k = kernels(backend)
+    pooled = k.se_pool(x)
+    _, _, gate = _gate_parts(pooled, w1, b1, w2, b2)
+    return F.conv2d(k.se_scale(x, gate, None), w_proj), pooled
+
+
+@squeeze_excite_project.register_fake
+def _(x, w1, b1, w2, b2, w_proj, backend):
+    n, _, h, w = x.shape
+    out = x.new_empty((n, w_proj.shape[0], h, w)).contiguous(memory_format=memory_format_of(x))
+    return out, x.new_empty(x.shape[:2], dtype=acc_dtype(x.dtype))
+
+
+def _setup_context_project(ctx, inputs, output):
+    x, w1, b1, w2, b2, w_proj, backend = inputs
+    ctx.save_for_backward(x, w1, b1, w2, b2, w_proj, output[1])
+    ctx.backend = backend
+
+
+def _backward_project(ctx, grad_out, _grad_pooled):
+    x, w1, b1, w2, b2, w_proj, pooled = ctx.saved_tensors
+    k = kernels(ctx.backend)
+    _, _, gate = _gate_parts(pooled, w1, b1, w2, b2)
+    scaled = k.se_scale(x, gate, None)
+    grad_scaled, grad_w_proj, _ = torch.ops.aten.convolution_backward(
+        grad_out, scaled, w_proj, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False])
+    return _se_backward(k, grad_scaled, x, w1, b1, w2, b2, pooled) + (grad_w_proj, None)
+
+
+torch.library.register_autograd("effnet_fast::squeeze_excite_project", _backward_project,
+                                setup_context=_setup_context_project)
+
+
 def squeeze_excite_fn(x, w1, b1, w2, b2, backend):
     check_inputs(x, w1, b1, w2, b2)
     return squeeze_excite(as_supported_layout(x), w1, b1, w2, b2, backend)[0]
+
+
+def squeeze_excite_project_fn(x, w1, b1, w2, b2, w_proj, backend):
+    check_inputs(x, w1, b1, w2, b2)
+    if w_proj.dim() != 4 or w_proj.shape[1:] != (x.shape[1], 1, 1):
+        raise ValueError(f"squeeze_excite_project: projection weight must be (C_out, {x.shape[1]}, 1, 1), "
+                         f"got {tuple(w_proj.shape)}")
+    return squeeze_excite_project(as_supported_layout(x), w1, b1, w2, b2, w_proj, backend)[0]
