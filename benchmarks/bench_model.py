@@ -6,13 +6,12 @@ reference (eager) vs fused vs torch.compile, measured in one run.
 """
 import argparse
 import sys
-import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from effnet_fast import EfficientNet
+from effnet_fast.benchmark import eval_forward, median_seconds, train_step
 
 
 def make(version, fused, channels_last, compile_mode=False, seed=0):
@@ -32,21 +31,6 @@ def inputs(batch, size, channels_last, seed=1):
     return (x.to(memory_format=torch.channels_last) if channels_last else x), y
 
 
-def eval_forward(model, run, x):
-    model.eval()
-    with torch.no_grad():
-        return run(x)
-
-
-def train_step(model, run, opt, x, y):
-    model.train()
-    opt.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(run(x), y)
-    loss.backward()
-    opt.step()
-    return loss
-
-
 def saved_bytes(model, x):
     """Bytes kept for backward by one training forward, each storage counted once."""
     seen = {}
@@ -63,17 +47,6 @@ def saved_bytes(model, x):
     seen.pop(x.untyped_storage().data_ptr(), None)  # the input exists anyway
     del out
     return sum(seen.values())
-
-
-def median_seconds(fn, repeats, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def main(argv=None):
@@ -95,8 +68,8 @@ def main(argv=None):
     for label, fused, cl, comp in configs:
         model, run, opt = make(args.version, fused, cl, comp)
         x, y = inputs(args.batch, args.size, cl)
-        fwd = median_seconds(lambda: eval_forward(model, run, x), args.repeats)
-        step = median_seconds(lambda: train_step(model, run, opt, x, y), args.repeats)
+        fwd = median_seconds(lambda: eval_forward(model, x, run), args.repeats)
+        step = median_seconds(lambda: train_step(model, opt, x, y, run), args.repeats)
         nbytes = saved_bytes(model, x) if not comp else float("nan")
         rows.append((label, "channels_last" if cl else "NCHW", fwd, step, nbytes))
         print(f"  measured {label} {'NHWC' if cl else 'NCHW'}", file=sys.stderr)
@@ -118,7 +91,7 @@ MODELS = [pytest.param(False, id="eager"), pytest.param("cpu", id="fused_cpu")]
 def test_b0_eval_forward(benchmark, fused, channels_last):
     model, run, _ = make("b0", fused, channels_last)
     x, _ = inputs(16, 224, channels_last)
-    benchmark.pedantic(eval_forward, args=(model, run, x), rounds=3, warmup_rounds=1)
+    benchmark.pedantic(eval_forward, args=(model, x, run), rounds=3, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("channels_last", LAYOUTS)
@@ -126,7 +99,7 @@ def test_b0_eval_forward(benchmark, fused, channels_last):
 def test_b0_train_step(benchmark, fused, channels_last):
     model, run, opt = make("b0", fused, channels_last)
     x, y = inputs(16, 224, channels_last)
-    benchmark.pedantic(train_step, args=(model, run, opt, x, y), rounds=3, warmup_rounds=1)
+    benchmark.pedantic(train_step, args=(model, opt, x, y, run), rounds=3, warmup_rounds=1)
 
 
 if __name__ == "__main__":

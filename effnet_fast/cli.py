@@ -1,10 +1,10 @@
 """Command line: `python -m effnet_fast {info,summary,bench,train}` (or `effnet-fast ...`)."""
 import argparse
 import json
-import time
 
 import torch
 
+from .benchmark import eval_forward, median_seconds, synchronizer, train_step
 from .model import VARIANTS, EfficientNet
 from .ops import build_info
 
@@ -23,17 +23,6 @@ def cmd_summary(args):
     print(f"\nforward pass: {model.version} on a 1x3x{size}x{size} input -> {tuple(out.shape)}")
 
 
-def _median_seconds(fn, repeats, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def _model_for(version, fused, device, channels_last):
     torch.manual_seed(0)
     model = EfficientNet(version, fused=fused).to(device)
@@ -48,25 +37,14 @@ def cmd_bench(args):
     if args.channels_last:
         x = x.to(memory_format=torch.channels_last)
     target = torch.randint(0, 1000, (args.batch,), device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     results = {}
     for label, fused in (("reference", False), ("fused", args.fused)):
         model = _model_for(args.version, fused, device, args.channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-        def forward():
-            with torch.no_grad():
-                model.eval()(x)
-            sync()
-
-        def train_step():
-            model.train()
-            opt.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(x), target).backward()
-            opt.step()
-            sync()
-
-        results[label] = (_median_seconds(forward, args.repeats), _median_seconds(train_step, args.repeats))
+        fwd = median_seconds(lambda: (eval_forward(model, x), sync()), args.repeats)
+        step = median_seconds(lambda: (train_step(model, opt, x, target), sync()), args.repeats)
+        results[label] = (fwd, step)
     layout = "channels_last" if args.channels_last else "NCHW"
     print(f"{args.version}, batch {args.batch}, {size}x{size}, {layout}, {device.type}, fused={args.fused!r}")
     print(f"{'':<10}{'eval fwd ms':>13}{'train step ms':>15}")
