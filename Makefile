@@ -22,7 +22,7 @@ install: $(VENV)/.deps
 
 demo: install
 	$(PY) -m effnet_fast summary
-	$(PY) -m effnet_fast train --epochs 3
+	$(PY) -m effnet_fast train --epochs 6 --fused true
 	$(PY) -m effnet_fast bench --batch 8 --size 224 --repeats 2 --channels-last
 
 test: install

@@ -87,7 +87,7 @@ def build_parser():
     p = sub.add_parser("train", help="train on the scikit-learn digits data set (no download)")
     p.add_argument("--version", default="b0", choices=sorted(VARIANTS))
     p.add_argument("--fused", type=_fused_arg, default=False, help="False, True or a backend name")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--size", type=int, help="input size (default 32)")
     p.add_argument("--out", help="save the trained weights here")

@@ -29,7 +29,7 @@ def evaluate(model, x, y, batch_size=256):
     return correct / len(y)
 
 
-def train_digits(version="b0", fused=False, epochs=3, batch_size=64, size=32, lr=3e-3, out=None, seed=0):
+def train_digits(version="b0", fused=False, epochs=6, batch_size=64, size=32, lr=1e-2, out=None, seed=0):
     torch.manual_seed(seed)
     (x_train, y_train), (x_test, y_test) = digits_tensors(size, seed)
     model = EfficientNet(version, num_classes=10, fused=fused, dropout=0.1)
