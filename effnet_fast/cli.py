@@ -57,7 +57,7 @@ def cmd_bench(args):
 def cmd_train(args):
     from .train import train_digits
     train_digits(version=args.version, fused=args.fused, epochs=args.epochs, batch_size=args.batch,
-                 size=args.size or 32, out=args.out)
+                 size=args.size or 32, out=args.out, limit=args.limit)
 
 
 def _fused_arg(value):
@@ -90,6 +90,7 @@ def build_parser():
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--size", type=int, help="input size (default 32)")
+    p.add_argument("--limit", type=int, help="use at most this many training and test images")
     p.add_argument("--out", help="save the trained weights here")
     p.set_defaults(func=cmd_train)
     return parser

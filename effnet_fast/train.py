@@ -29,9 +29,13 @@ def evaluate(model, x, y, batch_size=256):
     return correct / len(y)
 
 
-def train_digits(version="b0", fused=False, epochs=6, batch_size=64, size=32, lr=1e-2, out=None, seed=0):
+def train_digits(version="b0", fused=False, epochs=6, batch_size=64, size=32, lr=1e-2, out=None, seed=0,
+                 limit=None):
+    """Train from scratch; `limit` caps the number of training and test images."""
     torch.manual_seed(seed)
     (x_train, y_train), (x_test, y_test) = digits_tensors(size, seed)
+    if limit:
+        x_train, y_train, x_test, y_test = x_train[:limit], y_train[:limit], x_test[:limit], y_test[:limit]
     model = EfficientNet(version, num_classes=10, fused=fused, dropout=0.1)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * (len(y_train) // batch_size))
