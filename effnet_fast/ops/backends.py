@@ -105,6 +105,9 @@ def _why_unusable(backend, device):
     return f"unknown backend {backend!r}; choose one of {BACKENDS + ('reference', 'cuda_emu')}"
 
 
+# Evaluated once when torch.compile traces a layer: the answer depends on the build
+# and the device, not on tensor values.
+@torch.compiler.assume_constant_result
 def resolve_backend(fused, device):
     """The backend name that `fused` (True, 'auto' or a name) means for tensors on `device`.
 
