@@ -48,17 +48,31 @@ __device__ __forceinline__ Ownership owned_positions(int64_t C, int64_t count, i
 }
 
 // Calls f(n, h, w, offset) for each owned position of a (N, C, rows, cols) tensor
-// in the layout CL; offset is the element's index in that tensor.
+// in the layout CL; offset is the element's index in that tensor. Positions
+// advance by mixed-radix addition of the step, so the loop has no division.
 template <bool CL, class F>
 __device__ __forceinline__ void for_each_owned(const Ownership& o, int64_t C, int rows, int cols, F&& f) {
-  if (!o.active) return;
+  if (!o.active || o.first >= o.end) return;
   const int64_t plane = int64_t(rows) * cols;
+  int64_t n = o.first / plane;
+  const int r = int(o.first - n * plane);
+  int h = r / cols, w = r - h * cols;
+  const int64_t step_n = o.step / plane;
+  const int step_r = int(o.step - step_n * plane);
+  const int step_h = step_r / cols, step_w = step_r - step_h * cols;
   for (int64_t e = o.first; e < o.end; e += o.step) {
-    const int64_t n = e / plane;
-    const int r = int(e - n * plane);
-    const int h = r / cols;
-    const int w = r - h * cols;
-    f(n, h, w, CL ? e * C + o.c : (n * C + o.c) * plane + r);
+    f(n, h, w, CL ? e * C + o.c : (n * C + o.c) * plane + (int64_t(h) * cols + w));
+    w += step_w;
+    h += step_h;
+    n += step_n;
+    if (w >= cols) {
+      w -= cols;
+      ++h;
+    }
+    if (h >= rows) {
+      h -= rows;
+      ++n;
+    }
   }
 }
 

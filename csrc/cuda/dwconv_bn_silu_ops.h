@@ -97,7 +97,8 @@ template <class acc_t, class out_t>
 void launch_sum_columns(const acc_t* partials, int64_t rows, int64_t row_stride, int64_t cols, int64_t col_step,
                         out_t* out) {
   auto kernel = sum_columns_kernel<acc_t, out_t>;
-  EFFNET_LAUNCH(kernel, dim3(unsigned(ceil_div(cols, kWarp))), dim3(kWarp, kRows), reduce_rows_smem<Sums<acc_t, 1>>(),
+  const size_t smem = reduce_rows_smem<Sums<acc_t, 1>>();  // outside the macro: its comma
+  EFFNET_LAUNCH(kernel, dim3(unsigned(ceil_div(cols, kWarp))), dim3(kWarp, kRows), smem,
                 partials, rows, row_stride, cols, col_step, out);
 }
 
@@ -168,7 +169,8 @@ inline std::tuple<at::Tensor, at::Tensor> dwconv_bn_silu_backward_reduce(const a
     using scalar_t = decltype(tag);
     using acc_t = acc_type<scalar_t>;
     auto kernel = dw_backward_reduce_kernel<decltype(k_const)::value, decltype(cl_const)::value, scalar_t, acc_t>;
-    EFFNET_LAUNCH(kernel, conv_grid(p, chunks), dim3(kWarp, kRows), reduce_rows_smem<Sums<acc_t, 2>>(),
+    const size_t smem = reduce_rows_smem<Sums<acc_t, 2>>();  // outside the macro: its comma
+    EFFNET_LAUNCH(kernel, conv_grid(p, chunks), dim3(kWarp, kRows), smem,
                   grad.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>(), p.weight.const_data_ptr<scalar_t>(),
                   a.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), mu.const_data_ptr<acc_t>(), p.g,
                   partials.mutable_data_ptr<acc_t>());
@@ -212,7 +214,8 @@ inline std::tuple<at::Tensor, at::Tensor> dwconv_bn_silu_backward(
     constexpr int K = decltype(k_const)::value;
     constexpr bool CL = decltype(cl_const)::value;
     auto dy_kernel = dw_backward_dy_kernel<K, CL, scalar_t, acc_t>;
-    EFFNET_LAUNCH(dy_kernel, conv_grid(p, out_chunks), dim3(kWarp, kRows), reduce_rows_smem<Sums<acc_t, K * K>>(),
+    const size_t smem = reduce_rows_smem<Sums<acc_t, K * K>>();  // outside the macro: its comma
+    EFFNET_LAUNCH(dy_kernel, conv_grid(p, out_chunks), dim3(kWarp, kRows), smem,
                   grad.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>(), p.weight.const_data_ptr<scalar_t>(),
                   a.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), ca.const_data_ptr<acc_t>(),
                   cb.const_data_ptr<acc_t>(), cc.const_data_ptr<acc_t>(), out_geom, dy.mutable_data_ptr<acc_t>(),

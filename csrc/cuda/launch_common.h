@@ -19,7 +19,7 @@
 // Runs every block and thread of the grid on the host (see csrc/emu/cuda_emu.h).
 #define EFFNET_LAUNCH(kernel, grid, block, smem, ...) ::cuda_emu::launch(kernel, grid, block, smem, __VA_ARGS__)
 #else
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>  // at::cuda::getCurrentCUDAStream (ATen/cuda/CUDAContext.h needs cuSPARSE headers)
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #define EFFNET_LAUNCH(kernel, grid, block, smem, ...)                                   \

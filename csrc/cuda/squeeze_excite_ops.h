@@ -42,7 +42,8 @@ inline at::Tensor plane_sums(const at::Tensor& x, const std::optional<at::Tensor
       constexpr bool PRODUCT = decltype(product)::value;
       if (cl) {
         auto kernel = plane_sums_nhwc_kernel<PRODUCT, scalar_t, acc_t>;
-        EFFNET_LAUNCH(kernel, grid, dim3(kWarp, kRows), reduce_rows_smem<Sums<acc_t, 1>>(), xp, gp, C, hw,
+        const size_t smem = reduce_rows_smem<Sums<acc_t, 1>>();  // outside the macro: its comma
+        EFFNET_LAUNCH(kernel, grid, dim3(kWarp, kRows), smem, xp, gp, C, hw,
                       chunks.len, acc_t(divisor), accumulate, outp);
       } else {
         auto kernel = plane_sums_nchw_kernel<PRODUCT, scalar_t, acc_t>;

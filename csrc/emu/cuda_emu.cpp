@@ -95,6 +95,7 @@ struct Fiber {
   State state = State::Runnable;
   std::source_location where;
   unsigned mask = 0;
+  unsigned shuffles = 0;  // picks the exchange slot set
 };
 
 // Everything about the block being run; one per OS thread that launches.
@@ -178,6 +179,7 @@ void start_block(BlockRun& r) {
         Fiber& f = r.fibers[i];
         f.index = dim3(x, y, z);
         f.state = State::Runnable;
+        f.shuffles = 0;
         make_context(f.context, r.stacks[i].get(), kStackBytes, fiber_main);
       }
     }
@@ -310,9 +312,11 @@ int lane_id() {
   return run().current % kWarpSize;
 }
 
-unsigned char* exchange_slot(int lane) {
+unsigned char* next_exchange_slots() {
   BlockRun& r = run();
-  return r.exchange.data() + (std::size_t(r.current / kWarpSize) * kWarpSize + lane) * kExchangeBytes;
+  Fiber& f = r.fibers[r.current];
+  const std::size_t set = f.shuffles++ & 1, warps = (r.fibers.size() + kWarpSize - 1) / kWarpSize;
+  return r.exchange.data() + ((set * warps + r.current / kWarpSize) * kWarpSize) * kExchangeBytes;
 }
 
 void sync_block(const std::source_location& where) {
@@ -343,7 +347,7 @@ void launch_grid(dim3 grid, dim3 block, std::size_t smem_bytes, const std::funct
   r.block = block;
   r.smem_bytes = smem_bytes;
   r.smem.resize(smem_bytes + kGuardBytes + 16);
-  r.exchange.resize(std::size_t(threads + kWarpSize) * kExchangeBytes);
+  r.exchange.resize(2 * std::size_t(threads + kWarpSize) * kExchangeBytes);
   r.fibers.resize(threads);
   r.stacks.swap(stack_pool);
   r.body = &body;

@@ -9,7 +9,7 @@
 //   __syncthreads()     waits until every thread of the block has arrived at the
 //                       same call site (divergent or partial barriers are errors);
 //   __shfl_*_sync()     write the lane's value, wait for the whole warp, read the
-//                       partner's value, wait again (the mask must name the warp);
+//                       partner's value (the mask must name the whole warp);
 //   atomicAdd()         a plain read-modify-write (fibers never interleave in it).
 // Dynamic shared memory (cuda_emu::dynamic_shared_memory(), 48 KiB at most) is
 // filled with 0xFF bytes (NaN for float and double) at the start of every block,
@@ -29,6 +29,9 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+
+// The kernels' #pragma unroll is an nvcc hint.
+#pragma GCC diagnostic ignored "-Wunknown-pragmas"
 
 struct dim3 {
   unsigned x, y, z;
@@ -55,7 +58,10 @@ const dim3& block_dim();
 const dim3& grid_dim();
 unsigned char* shared_memory();
 int lane_id();
-unsigned char* exchange_slot(int lane);
+// The warp's exchange slots for its next shuffle. Two sets alternate: a lane
+// can only write a set again after the next barrier, which waits for every lane
+// to have read it, so one barrier per shuffle suffices.
+unsigned char* next_exchange_slots();
 void sync_block(const std::source_location& where);
 void sync_warp(unsigned mask, const std::source_location& where);
 void launch_grid(dim3 grid, dim3 block, std::size_t smem_bytes, const std::function<void()>& body);
@@ -64,11 +70,11 @@ template <class T, class SrcLane>
 T exchange(unsigned mask, T value, SrcLane src_lane, const std::source_location& where) {
   static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= kExchangeBytes, "unsupported shuffle type");
   const int lane = lane_id();
-  std::memcpy(exchange_slot(lane), &value, sizeof(T));
+  unsigned char* slots = next_exchange_slots();
+  std::memcpy(slots + lane * kExchangeBytes, &value, sizeof(T));
   sync_warp(mask, where);  // every lane has published its value
   T result;
-  std::memcpy(&result, exchange_slot(src_lane(lane)), sizeof(T));
-  sync_warp(mask, where);  // every lane has read before slots are reused
+  std::memcpy(&result, slots + src_lane(lane) * kExchangeBytes, sizeof(T));
   return result;
 }
 }  // namespace detail
