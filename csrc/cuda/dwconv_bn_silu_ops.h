@@ -32,7 +32,8 @@ inline ConvProblem conv_problem(const char* op, const at::Tensor& x_in, const at
   TORCH_CHECK(stride == 1 || stride == 2, op, ": unsupported stride ", stride, " (1 or 2)");
   TORCH_CHECK(weight.scalar_type() == x_in.scalar_type(), op, ": weight dtype ", weight.scalar_type(),
               " differs from x dtype ", x_in.scalar_type());
-  TORCH_CHECK(H < (1 << 30) && W < (1 << 30), op, ": plane ", H, "x", W, " is too large");
+  TORCH_CHECK(H * W <= std::numeric_limits<int32_t>::max(), op, ": plane ", H, "x", W,
+              " is too large (H * W must fit in 32 bits)");
   check_grid_dim(C, kMaxGridX, op, "channels");
   ConvProblem p;
   p.x = supported_layout(x_in);
