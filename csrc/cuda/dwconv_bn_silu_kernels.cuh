@@ -18,6 +18,7 @@ struct ConvGeom {
   int H, W, OH, OW;
   int stride, pad;
   int64_t chunk_len;  // positions per grid.y chunk
+  double inv_plane;   // 1.0 / (rows * cols) of the positions iterated
 };
 
 template <bool CL>
@@ -48,17 +49,29 @@ __device__ __forceinline__ Ownership owned_positions(int64_t C, int64_t count, i
 }
 
 // Calls f(n, h, w, offset) for each owned position of a (N, C, rows, cols) tensor
-// in the layout CL; offset is the element's index in that tensor. Positions
-// advance by mixed-radix addition of the step, so the loop has no division.
+// in the layout CL; offset is the element's index in that tensor; inv_plane is
+// 1.0 / (rows * cols). Positions advance by mixed-radix addition of the step,
+// so the loop has no division.
 template <bool CL, class F>
-__device__ __forceinline__ void for_each_owned(const Ownership& o, int64_t C, int rows, int cols, F&& f) {
+__device__ __forceinline__ void for_each_owned(const Ownership& o, int64_t C, int rows, int cols, double inv_plane,
+                                               F&& f) {
   if (!o.active || o.first >= o.end) return;
-  const int64_t plane = int64_t(rows) * cols;
-  int64_t n = o.first / plane;
-  const int r = int(o.first - n * plane);
+  const int plane = rows * cols;  // < 2^31, checked on the host
+  // n = first / plane through the host's 1 / plane (a 64-bit integer division
+  // would be a called subroutine, with a stack frame); the estimate is off by
+  // at most one.
+  int64_t n = int64_t(double(o.first) * inv_plane);
+  int r = int(o.first - n * plane);
+  if (r < 0) {
+    --n;
+    r += plane;
+  } else if (r >= plane) {
+    ++n;
+    r -= plane;
+  }
   int h = r / cols, w = r - h * cols;
-  const int64_t step_n = o.step / plane;
-  const int step_r = int(o.step - step_n * plane);
+  const int step_n = o.step / plane;
+  const int step_r = o.step - step_n * plane;
   const int step_h = step_r / cols, step_w = step_r - step_h * cols;
   for (int64_t e = o.first; e < o.end; e += o.step) {
     f(n, h, w, CL ? e * C + o.c : (n * C + o.c) * plane + (int64_t(h) * cols + w));
@@ -83,23 +96,26 @@ __device__ __forceinline__ void load_filter(const scalar_t* __restrict__ weight,
 }
 
 // y = dwconv(x)[n, c, oh, ow]; win receives the K x K input window (0 outside).
+// Addresses are a 64-bit row pointer plus 32-bit column offsets (W * C < 2^31,
+// checked on the host), which keeps register pressure down.
 template <int K, bool CL, class scalar_t, class acc_t>
 __device__ __forceinline__ acc_t conv_at(const scalar_t* __restrict__ x, const ConvGeom& g, int64_t n, int64_t c,
                                          int oh, int ow, const acc_t (&w)[K * K], acc_t (&win)[K * K]) {
-  const int64_t base = element_offset<CL>(n, c, 0, 0, g.C, g.H, g.W);
+  const scalar_t* plane = x + element_offset<CL>(n, c, 0, 0, g.C, g.H, g.W);
   const int64_t row_stride = CL ? int64_t(g.W) * g.C : g.W;
-  const int64_t col_stride = CL ? g.C : 1;
+  const int col_stride = CL ? int(g.C) : 1;
   const int ih0 = oh * g.stride - g.pad, iw0 = ow * g.stride - g.pad;
   acc_t y = 0;
 #pragma unroll
   for (int i = 0; i < K; ++i) {
     const int ih = ih0 + i;
     const bool row_in = unsigned(ih) < unsigned(g.H);
+    const scalar_t* row = plane + (row_in ? ih : 0) * row_stride;
 #pragma unroll
     for (int j = 0; j < K; ++j) {
       const int iw = iw0 + j;
       const bool in = row_in && unsigned(iw) < unsigned(g.W);
-      const acc_t v = in ? static_cast<acc_t>(x[base + ih * row_stride + iw * col_stride]) : acc_t(0);
+      const acc_t v = in ? static_cast<acc_t>(row[iw * col_stride]) : acc_t(0);
       win[i * K + j] = v;
       y += v * w[i * K + j];
     }
@@ -109,14 +125,14 @@ __device__ __forceinline__ acc_t conv_at(const scalar_t* __restrict__ x, const C
 
 // Per-chunk Moments of y = dwconv(x) for each channel: partials[chunk * C + c].
 template <int K, bool CL, class scalar_t, class acc_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     dw_stats_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight, ConvGeom g,
                     Moments<acc_t>* __restrict__ partials) {
   const Ownership o = owned_positions<CL>(g.C, g.N * g.OH * g.OW, g.chunk_len);
   acc_t w[K * K], win[K * K];
   load_filter<K>(weight, o, w);
   ShiftedSums<acc_t> acc;
-  for_each_owned<CL>(o, g.C, g.OH, g.OW, [&](int64_t n, int oh, int ow, int64_t) {
+  for_each_owned<CL>(o, g.C, g.OH, g.OW, g.inv_plane, [&](int64_t n, int oh, int ow, int64_t) {
     acc.add(conv_at<K, CL>(x, g, n, o.c, oh, ow, w, win));
   });
   Moments<acc_t> m = acc.moments();
@@ -154,7 +170,7 @@ __global__ void __launch_bounds__(kThreads)
   acc_t w[K * K], win[K * K];
   load_filter<K>(weight, o, w);
   const acc_t a = o.active ? scale[o.c] : acc_t(0), b = o.active ? shift[o.c] : acc_t(0);
-  for_each_owned<CL>(o, g.C, g.OH, g.OW, [&](int64_t n, int oh, int ow, int64_t off) {
+  for_each_owned<CL>(o, g.C, g.OH, g.OW, g.inv_plane, [&](int64_t n, int oh, int ow, int64_t off) {
     out[off] = static_cast<scalar_t>(silu(conv_at<K, CL>(x, g, n, o.c, oh, ow, w, win) * a + b));
   });
 }
@@ -173,7 +189,7 @@ __global__ void __launch_bounds__(kThreads)
   const acc_t a = o.active ? scale[o.c] : acc_t(0), b = o.active ? shift[o.c] : acc_t(0);
   const acc_t mu = o.active ? mean[o.c] : acc_t(0);
   Sums<acc_t, 2> s{{acc_t(0), acc_t(0)}};
-  for_each_owned<CL>(o, g.C, g.OH, g.OW, [&](int64_t n, int oh, int ow, int64_t off) {
+  for_each_owned<CL>(o, g.C, g.OH, g.OW, g.inv_plane, [&](int64_t n, int oh, int ow, int64_t off) {
     const acc_t y = conv_at<K, CL>(x, g, n, o.c, oh, ow, w, win);
     const acc_t dz = static_cast<acc_t>(grad_out[off]) * silu_grad(y * a + b);
     s.v[0] += dz;
@@ -207,7 +223,7 @@ __global__ void __launch_bounds__(kThreads)
   Sums<acc_t, K * K> gw;
 #pragma unroll
   for (int i = 0; i < K * K; ++i) gw.v[i] = acc_t(0);
-  for_each_owned<CL>(o, g.C, g.OH, g.OW, [&](int64_t n, int oh, int ow, int64_t off) {
+  for_each_owned<CL>(o, g.C, g.OH, g.OW, g.inv_plane, [&](int64_t n, int oh, int ow, int64_t off) {
     const acc_t y = conv_at<K, CL>(x, g, n, o.c, oh, ow, w, win);
     const acc_t dz = static_cast<acc_t>(grad_out[off]) * silu_grad(y * a + b);
     const acc_t dy = ca * dz + cb * y + cc;
@@ -235,7 +251,7 @@ __global__ void __launch_bounds__(kThreads)
   acc_t w[K * K];
   load_filter<K>(weight, o, w);
   const int odd_mask = g.stride - 1, shift = g.stride >> 1;  // stride is 1 or 2
-  for_each_owned<CL>(o, g.C, g.H, g.W, [&](int64_t n, int ih, int iw, int64_t off) {
+  for_each_owned<CL>(o, g.C, g.H, g.W, g.inv_plane, [&](int64_t n, int ih, int iw, int64_t off) {
     acc_t sum = 0;
 #pragma unroll
     for (int i = 0; i < K; ++i) {

@@ -34,6 +34,8 @@ inline ConvProblem conv_problem(const char* op, const at::Tensor& x_in, const at
               " differs from x dtype ", x_in.scalar_type());
   TORCH_CHECK(H * W <= std::numeric_limits<int32_t>::max(), op, ": plane ", H, "x", W,
               " is too large (H * W must fit in 32 bits)");
+  TORCH_CHECK(W * C <= std::numeric_limits<int32_t>::max(), op, ": rows of ", W, " x ", C,
+              " elements are too large (W * C must fit in 32 bits)");
   check_grid_dim(C, kMaxGridX, op, "channels");
   ConvProblem p;
   p.x = supported_layout(x_in);
@@ -43,7 +45,7 @@ inline ConvProblem conv_problem(const char* op, const at::Tensor& x_in, const at
   p.acc = acc_dtype(x_in.scalar_type());
   const int pad = int(k / 2);
   const int oh = int((H + 2 * pad - k) / stride + 1), ow = int((W + 2 * pad - k) / stride + 1);
-  p.g = ConvGeom{N, C, int(H), int(W), oh, ow, int(stride), pad, 0};
+  p.g = ConvGeom{N, C, int(H), int(W), oh, ow, int(stride), pad, 0, 0.0};
   return p;
 }
 
@@ -51,6 +53,14 @@ inline ConvProblem conv_problem(const char* op, const at::Tensor& x_in, const at
 // thread, at most 1024 chunks (bounds the partials).
 inline Chunks position_chunks(const ConvProblem& p, int64_t count) {
   return split_chunks(count, p.channels_last ? kRows * 16 : kThreads * 8, 1024);
+}
+
+// The geometry for a launch over `chunks` of the (rows, cols) planes.
+inline ConvGeom iteration(const ConvGeom& g, const Chunks& chunks, int rows, int cols) {
+  ConvGeom it = g;
+  it.chunk_len = chunks.len;
+  it.inv_plane = 1.0 / (double(rows) * cols);
+  return it;
 }
 
 inline dim3 conv_grid(const ConvProblem& p, const Chunks& chunks) {
@@ -109,7 +119,7 @@ inline std::tuple<at::Tensor, at::Tensor> dwconv_bn_silu_stats(const at::Tensor&
   ConvProblem p = conv_problem(op, x, weight, stride);
   DeviceScope scope(p.x);
   const Chunks chunks = position_chunks(p, p.g.N * p.g.OH * p.g.OW);
-  p.g.chunk_len = chunks.len;
+  p.g = iteration(p.g, chunks, p.g.OH, p.g.OW);
   const int64_t C = p.g.C;
   at::Tensor partials = acc_buffer(p, {chunks.count, C, 3});
   at::Tensor mean = acc_buffer(p, {C}), var = acc_buffer(p, {C});
@@ -136,7 +146,7 @@ inline at::Tensor dwconv_bn_silu_forward(const at::Tensor& x, const at::Tensor& 
   const at::Tensor a = channel_vector(scale, p.x, p.g.C, p.acc, op, "scale");
   const at::Tensor b = channel_vector(shift, p.x, p.g.C, p.acc, op, "shift");
   const Chunks chunks = position_chunks(p, p.g.N * p.g.OH * p.g.OW);
-  p.g.chunk_len = chunks.len;
+  p.g = iteration(p.g, chunks, p.g.OH, p.g.OW);
   at::Tensor out = output_like(p, p.g.OH, p.g.OW, p.x.scalar_type());
   dispatch_conv(p, op, [&](auto tag, auto k_const, auto cl_const) {
     using scalar_t = decltype(tag);
@@ -163,7 +173,7 @@ inline std::tuple<at::Tensor, at::Tensor> dwconv_bn_silu_backward_reduce(const a
   const at::Tensor b = channel_vector(shift, p.x, C, p.acc, op, "shift");
   const at::Tensor mu = channel_vector(mean, p.x, C, p.acc, op, "mean");
   const Chunks chunks = position_chunks(p, p.g.N * p.g.OH * p.g.OW);
-  p.g.chunk_len = chunks.len;
+  p.g = iteration(p.g, chunks, p.g.OH, p.g.OW);
   at::Tensor partials = acc_buffer(p, {chunks.count, C, 2});
   at::Tensor sum_dz = acc_buffer(p, {C}), sum_dz_xmu = acc_buffer(p, {C});
   dispatch_conv(p, op, [&](auto tag, auto k_const, auto cl_const) {
@@ -198,12 +208,10 @@ inline std::tuple<at::Tensor, at::Tensor> dwconv_bn_silu_backward(
   const at::Tensor cc = channel_vector(coef_c, p.x, C, p.acc, op, "coef_c");
   // Pass 1 over output positions: dy and the weight-gradient partials.
   const Chunks out_chunks = position_chunks(p, p.g.N * p.g.OH * p.g.OW);
-  ConvGeom out_geom = p.g;
-  out_geom.chunk_len = out_chunks.len;
+  const ConvGeom out_geom = iteration(p.g, out_chunks, p.g.OH, p.g.OW);
   // Pass 2 over input positions: grad_x gathers dy.
   const Chunks in_chunks = position_chunks(p, p.g.N * p.g.H * p.g.W);
-  ConvGeom in_geom = p.g;
-  in_geom.chunk_len = in_chunks.len;
+  const ConvGeom in_geom = iteration(p.g, in_chunks, p.g.H, p.g.W);
   at::Tensor dy = output_like(p, p.g.OH, p.g.OW, p.acc);
   at::Tensor partials = acc_buffer(p, {out_chunks.count, C, taps});
   at::Tensor grad_x = output_like(p, p.g.H, p.g.W, p.x.scalar_type());

@@ -1,41 +1,70 @@
-"""Summarise the ptxas -v report of a build log (nvcc -Xptxas=-v) as a markdown table:
+"""Summarise the ptxas report of a build log (nvcc -Xptxas=-v) as a markdown table:
 registers, static shared memory, stack frame and spills per kernel and architecture.
 
 Usage: python csrc/cuda/ptxas_table.py /tmp/cuda_build.log
 """
-import re, subprocess, sys
+import re
+import subprocess
+import sys
+
+ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(sm_\d+)'")
+FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+REGS = re.compile(r"Used (\d+) registers")
+SMEM = re.compile(r"(\d+) bytes smem")
+
 
 def demangle(names):
-    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout.split("\n")
-    return out[:len(names)]
+    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True)
+    return out.stdout.split("\n")[:len(names)]
 
-def short(name):
-    name = name.replace("effnet_fast::cuda_backend::", "").replace("c10::", "")
-    name = re.sub(r"\(.*\)$", "", name)  # drop the parameter list
-    return name.replace("(bool)0", "false").replace("(bool)1", "true").replace("long", "int64").replace("int64 int64", "int64")
 
-rows, cur = [], None
-for line in open(sys.argv[1]):
-    m = re.search(r"Compiling entry function '(\w+)' for '(sm_\d+)'", line)
-    if m:
-        cur = {"mangled": m.group(1), "arch": m.group(2)}; rows.append(cur); continue
-    if cur is None: continue
-    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-    if m: cur.update(stack=int(m.group(1)), spill_st=int(m.group(2)), spill_ld=int(m.group(3)))
-    m = re.search(r"Used (\d+) registers", line)
-    if m:
-        cur["regs"] = int(m.group(1))
-        s = re.search(r"(\d+) bytes smem", line); cur["smem"] = int(s.group(1)) if s else 0
-seen = {}
-for r, d in zip(rows, demangle([r["mangled"] for r in rows])):
-    seen[(short(d), r["arch"])] = r
-kernels = sorted({k for k, _ in seen})
-archs = sorted({a for _, a in seen})
-print("| kernel | " + " | ".join(f"{a} regs | {a} static smem | {a} stack / spill st / spill ld" for a in archs) + " |")
-print("| --- |" + " --- | --- | --- |" * len(archs))
-for k in kernels:
-    cells = []
-    for a in archs:
-        r = seen.get((k, a))
-        cells += [str(r["regs"]), str(r["smem"]), f'{r["stack"]} / {r["spill_st"]} / {r["spill_ld"]}'] if r else ["-"] * 3
-    print(f"| `{k}` | " + " | ".join(cells) + " |")
+def short_name(name):
+    name = name.replace("effnet_fast::cuda_backend::", "").replace("c10::", "").removeprefix("void ")
+    name = re.sub(r"\(.*\)$", "", name)  # the parameter list
+    return name.replace("(bool)0", "false").replace("(bool)1", "true").replace("long", "int64")
+
+
+def parse(lines):
+    """{(kernel, arch): {regs, smem, stack, spill_st, spill_ld}} from ptxas -v lines."""
+    entries, current = [], None
+    for line in lines:
+        if m := ENTRY.search(line):
+            current = {"mangled": m.group(1), "arch": m.group(2)}
+            entries.append(current)
+        elif current is not None and (m := FRAME.search(line)):
+            current.update(stack=int(m.group(1)), spill_st=int(m.group(2)), spill_ld=int(m.group(3)))
+        elif current is not None and (m := REGS.search(line)):
+            current["regs"] = int(m.group(1))
+            smem = SMEM.search(line)
+            current["smem"] = int(smem.group(1)) if smem else 0
+    names = demangle([e["mangled"] for e in entries])
+    return {(short_name(n), e["arch"]): e for n, e in zip(names, entries)}
+
+
+def table(report):
+    archs = sorted({arch for _, arch in report}, reverse=True)
+    head = ["kernel"] + [f"{a} {what}" for a in archs for what in ("regs", "static smem B", "stack/spill st/spill ld B")]
+    rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for kernel in sorted({k for k, _ in report}):
+        cells = [f"`{kernel}`"]
+        for arch in archs:
+            e = report.get((kernel, arch))
+            cells += ([str(e["regs"]), str(e["smem"]), f'{e["stack"]} / {e["spill_st"]} / {e["spill_ld"]}']
+                      if e else ["-"] * 3)
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def summary(report):
+    bad = sorted(f"{k} ({a})" for (k, a), e in report.items() if e["stack"] or e["spill_st"] or e["spill_ld"])
+    regs = [e["regs"] for e in report.values()]
+    return (f"{len(report)} kernel builds, registers {min(regs)}..{max(regs)}, "
+            + (f"stack frame or spills in: {', '.join(bad)}" if bad else "no stack frame and no spills anywhere"))
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        report = parse(f)
+    print(table(report))
+    print()
+    print(summary(report))
