@@ -251,7 +251,9 @@ __global__ void __launch_bounds__(kThreads)
   acc_t w[K * K];
   load_filter<K>(weight, o, w);
   const int odd_mask = g.stride - 1, shift = g.stride >> 1;  // stride is 1 or 2
+  const int64_t col_stride = CL ? g.C : 1;
   for_each_owned<CL>(o, g.C, g.H, g.W, g.inv_plane, [&](int64_t n, int ih, int iw, int64_t off) {
+    const acc_t* dy_plane = dy_buf + element_offset<CL>(n, o.c, 0, 0, g.C, g.OH, g.OW);
     acc_t sum = 0;
 #pragma unroll
     for (int i = 0; i < K; ++i) {
@@ -263,7 +265,7 @@ __global__ void __launch_bounds__(kThreads)
         const int tw = iw + g.pad - j;
         const int ow = tw >> shift;
         if (row_in && tw >= 0 && (tw & odd_mask) == 0 && ow < g.OW) {
-          sum += dy_buf[element_offset<CL>(n, o.c, oh, ow, g.C, g.OH, g.OW)] * w[i * K + j];
+          sum += dy_plane[(oh * g.OW + ow) * col_stride] * w[i * K + j];
         }
       }
     }
