@@ -61,14 +61,15 @@ __device__ __forceinline__ void for_each_owned(const Ownership& o, int64_t C, in
   // would be a called subroutine, with a stack frame); the estimate is off by
   // at most one.
   int64_t n = int64_t(double(o.first) * inv_plane);
-  int r = int(o.first - n * plane);
-  if (r < 0) {
+  int64_t rest = o.first - n * plane;
+  if (rest < 0) {
     --n;
-    r += plane;
-  } else if (r >= plane) {
+    rest += plane;
+  } else if (rest >= plane) {
     ++n;
-    r -= plane;
+    rest -= plane;
   }
+  const int r = int(rest);
   int h = r / cols, w = r - h * cols;
   const int step_n = o.step / plane;
   const int step_r = o.step - step_n * plane;
