@@ -1,4 +1,5 @@
 """Launch helpers shared by the Triton kernels: autotuning, work split, final reductions."""
+import inspect
 import os
 
 import torch
@@ -19,6 +20,18 @@ MAX_GROUPS = 4 if INTERPRET else 1024
 PIXELS_PER_GROUP = 64 if INTERPRET else 2048
 
 _INT32_LIMIT = 2 ** 31
+
+
+# Sizes and the stride stay runtime values (no specialisation on divisibility by 16 or on
+# being 1): one compiled kernel serves every layer shape of a model. Tensor strides are
+# still specialised; that is what tells Triton which dimension is contiguous.
+_SHAPE_ARGS = ("C", "H", "W", "OH", "OW", "P", "Q", "groups", "STRIDE", "R", "L", "rows", "cols", "split",
+               "numel", "HW")
+
+
+def shape_generic_jit(fn):
+    names = inspect.signature(fn).parameters
+    return triton.jit(fn, do_not_specialize=[n for n in _SHAPE_ARGS if n in names])
 
 
 def _quick_bench(fn, quantiles=None):
@@ -69,7 +82,7 @@ def group_tile_range(pixels, groups, BLOCK_P: tl.constexpr):
     return start, tl.minimum(start + per_group, tiles)
 
 
-@triton.jit
+@shape_generic_jit
 def _sum_rows_kernel(src_ptr, out_ptr, out2_ptr, rows, cols, split, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
     col = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col_ok = col < cols

@@ -16,19 +16,21 @@ import triton.language as tl
 
 from effnet_fast.ops.common import is_channels_last
 
-from ._common import (INTERPRET, autotuned, check_supported, empty_like_layout, group_tile_range, num_groups,
+from ._common import (INTERPRET, autotuned, shape_generic_jit, check_supported, empty_like_layout, group_tile_range, num_groups,
                       sum_rows)
 
 _KEY = ["C", "OH", "OW", "K", "STRIDE"]
+# At most 4 elements per thread: the k*k tap loads are all in flight at once, and more
+# spills registers at k = 5 (checked with ptxas for sm_90).
 _NCHW_CONFIGS = [triton.Config({"BLOCK_P": 512, "BLOCK_C": 1}, num_warps=4),
-                 triton.Config({"BLOCK_P": 256, "BLOCK_C": 1}, num_warps=4),
+                 triton.Config({"BLOCK_P": 512, "BLOCK_C": 1}, num_warps=8),
                  triton.Config({"BLOCK_P": 1024, "BLOCK_C": 1}, num_warps=8)]
-_NHWC_CONFIGS = [triton.Config({"BLOCK_P": 32, "BLOCK_C": 32}, num_warps=4),
-                 triton.Config({"BLOCK_P": 16, "BLOCK_C": 64}, num_warps=4),
-                 triton.Config({"BLOCK_P": 64, "BLOCK_C": 32}, num_warps=8)]
+_NHWC_CONFIGS = [triton.Config({"BLOCK_P": 16, "BLOCK_C": 32}, num_warps=4),
+                 triton.Config({"BLOCK_P": 32, "BLOCK_C": 32}, num_warps=8),
+                 triton.Config({"BLOCK_P": 16, "BLOCK_C": 64}, num_warps=8)]
 # Under the interpreter, where each tile costs milliseconds: tiles about as large as the
-# small test planes; several channel blocks, partial tiles and (with MAX_GROUPS) several
-# groups and tiles per group still occur in the tests.
+# small test planes. Several channel blocks, partial tiles, empty groups, and several
+# tiles and groups per channel (test_kernel_ops_many_blocks) still occur in the tests.
 _NCHW_INTERP = _NHWC_INTERP = triton.Config({"BLOCK_P": 256, "BLOCK_C": 8})
 
 
@@ -59,7 +61,7 @@ def _tile_channels(C, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def _conv_tile(x_ptr, w_ptr, n, oh, ow, c, p_ok, H, W, sxn, sxc, sxh, sxw,
-               K: tl.constexpr, STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+               K: tl.constexpr, STRIDE, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """y = dwconv(x, w) on a tile, float32; exactly 0 where p_ok is False."""
     ohs, ows = oh * STRIDE, ow * STRIDE
     centre = x_ptr + (n * sxn + ohs * sxh + ows * sxw)[:, None] + (c * sxc)[None, :]
@@ -93,9 +95,9 @@ def _silu_grad_dz(g_ptr, n, oh, ow, c, p_ok, sgn, sgc, sgh, sgw, y, scale, shift
 
 # ----------------------------------------------------------------------------- statistics
 
-@triton.jit
+@shape_generic_jit
 def _stats_kernel(x_ptr, w_ptr, count_ptr, mean_ptr, m2_ptr, C, H, W, OH, OW, P, groups,
-                  sxn, sxc, sxh, sxw, K: tl.constexpr, STRIDE: tl.constexpr,
+                  sxn, sxc, sxh, sxw, K: tl.constexpr, STRIDE,
                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per group and channel: pixel count, mean and M2 (sum of squared deviations) of y.
     Each tile is reduced exactly (two passes in registers), tiles merge by Chan's formula."""
@@ -121,7 +123,7 @@ def _stats_kernel(x_ptr, w_ptr, count_ptr, mean_ptr, m2_ptr, C, H, W, OH, OW, P,
     tl.store(count_ptr + tl.program_id(0), count)
 
 
-@triton.jit
+@shape_generic_jit
 def _merge_stats_kernel(count_ptr, mean_ptr, m2_ptr, out_mean_ptr, out_var_ptr, C, groups,
                         BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
     """Merge the per-group (count, mean, M2) of each channel: chunks of groups combine
@@ -156,9 +158,9 @@ _stats_nchw, _stats_nhwc = _per_layout(_stats_kernel)
 
 # ----------------------------------------------------------------------------- forward
 
-@triton.jit
+@shape_generic_jit
 def _forward_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, out_ptr, C, H, W, OH, OW, P,
-                    sxn, sxc, sxh, sxw, son, soc, soh, sow, K: tl.constexpr, STRIDE: tl.constexpr,
+                    sxn, sxc, sxh, sxw, son, soc, soh, sow, K: tl.constexpr, STRIDE,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     n, oh, ow, p_ok = _tile_pixels(tl.program_id(0), P, OH, OW, BLOCK_P)
     c, c_ok, c_in = _tile_channels(C, BLOCK_C)
@@ -174,10 +176,10 @@ _forward_nchw, _forward_nhwc = _per_layout(_forward_kernel)
 
 # ----------------------------------------------------------------------------- backward
 
-@triton.jit
+@shape_generic_jit
 def _backward_reduce_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, mean_ptr, partial_ptr,
                             C, H, W, OH, OW, P, groups, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
-                            K: tl.constexpr, STRIDE: tl.constexpr,
+                            K: tl.constexpr, STRIDE,
                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per group: partial sums of dz and dz * (y - mean), rows [sum_dz | sum_dz_xmu] of 2C."""
     start, end = group_tile_range(P, groups, BLOCK_P)
@@ -200,10 +202,10 @@ def _backward_reduce_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, mean_ptr,
 _backward_reduce_nchw, _backward_reduce_nhwc = _per_layout(_backward_reduce_kernel)
 
 
-@triton.jit
+@shape_generic_jit
 def _backward_dy_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, a_ptr, b_ptr, cc_ptr, dy_ptr, gw_ptr,
                         C, H, W, OH, OW, P, groups, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
-                        sdn, sdc, sdh, sdw, K: tl.constexpr, STRIDE: tl.constexpr,
+                        sdn, sdc, sdh, sdw, K: tl.constexpr, STRIDE,
                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """dy = a * dz + b * y + c (float32, stored for the grad_x pass) and, per group,
     grad_weight partials sum(dy * x_tap) added to the group's own row of gw_ptr
@@ -237,26 +239,25 @@ def _backward_dy_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, a_ptr, b_ptr,
 _backward_dy_nchw, _backward_dy_nhwc = _per_layout(_backward_dy_kernel, reset_to_zero=["gw_ptr"])
 
 
-@triton.jit
+@shape_generic_jit
 def _grad_input_kernel(dy_ptr, w_ptr, gx_ptr, C, H, W, OH, OW, Q, sdn, sdc, sdh, sdw, sgn, sgc, sgh, sgw,
-                       K: tl.constexpr, STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """grad_x = transposed depthwise conv of dy, on tiles of input pixels (Q = N*H*W)."""
+                       K: tl.constexpr, STRIDE, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """grad_x = transposed depthwise conv of dy, on tiles of input pixels (Q = N*H*W).
+    Input row ih gets tap kh from output row (ih + K//2 - kh) / STRIDE when that divides
+    exactly; STRIDE is 1 or 2, so the division is a shift."""
+    shift = STRIDE - 1
     n, ih, iw, q_ok = _tile_pixels(tl.program_id(0), Q, H, W, BLOCK_P)
     c, c_ok, c_in = _tile_channels(C, BLOCK_C)
     base = dy_ptr + (n * sdn)[:, None] + (c_in * sdc)[None, :]
     acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
     for kh in tl.static_range(K):
         th = ih + (K // 2 - kh)
-        oh = th // STRIDE
-        row_ok = q_ok & (th >= 0) & (oh < OH)
-        if STRIDE > 1:
-            row_ok = row_ok & (th % STRIDE == 0)
+        oh = th >> shift
+        row_ok = q_ok & (th >= 0) & (oh < OH) & ((th & shift) == 0)
         for kw in tl.static_range(K):
             tw = iw + (K // 2 - kw)
-            ow = tw // STRIDE
-            ok = row_ok & (tw >= 0) & (ow < OW)
-            if STRIDE > 1:
-                ok = ok & (tw % STRIDE == 0)
+            ow = tw >> shift
+            ok = row_ok & (tw >= 0) & (ow < OW) & ((tw & shift) == 0)
             dy = tl.load(base + (oh * sdh + ow * sdw)[:, None], mask=ok[:, None], other=0.0)
             wv = tl.load(w_ptr + c_in * (K * K) + (kh * K + kw))
             acc += dy * wv.to(tl.float32)[None, :]
@@ -274,6 +275,9 @@ def _out_size(size, k, stride):
 
 
 def _geometry(x, weight, stride):
+    if stride not in (1, 2) or weight.shape[-1] not in (3, 5):
+        raise ValueError(f"effnet_fast triton kernels: stride must be 1 or 2 and the kernel 3x3 or 5x5, "
+                         f"got stride {stride} and weight {tuple(weight.shape)}")
     n, c, h, w = x.shape
     k = weight.shape[-1]
     return n, c, h, w, k, _out_size(h, k, stride), _out_size(w, k, stride)

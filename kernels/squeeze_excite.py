@@ -7,7 +7,7 @@ import triton.language as tl
 
 from effnet_fast.ops.common import as_supported_layout, is_channels_last, memory_format_of
 
-from ._common import autotuned, check_supported
+from ._common import autotuned, check_supported, shape_generic_jit
 
 _REDUCE_KEY = ["R", "L"]
 # NCHW: a block of planes per program, each reduced along its contiguous H*W.
@@ -33,7 +33,7 @@ def _load_term(a_ptr, b_ptr, offs, mask, PRODUCT: tl.constexpr):
 
 
 @autotuned(_PLANES_CONFIGS, _PLANES_INTERP, _REDUCE_KEY)
-@triton.jit
+@shape_generic_jit
 def _planes_sum_kernel(a_ptr, b_ptr, out_ptr, R, L, factor, PRODUCT: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
     """out[r] = factor * sum_l a[r, l] (* b[r, l]) for an (R, L) contiguous matrix."""
@@ -47,7 +47,7 @@ def _planes_sum_kernel(a_ptr, b_ptr, out_ptr, R, L, factor, PRODUCT: tl.constexp
 
 
 @autotuned(_PIXELS_CONFIGS, _PIXELS_INTERP, _REDUCE_KEY)
-@triton.jit
+@shape_generic_jit
 def _pixels_sum_kernel(a_ptr, b_ptr, out_ptr, R, L, factor, PRODUCT: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
     """out[n, l] = factor * sum_r a[n, r, l] (* b[n, r, l]) for an (N, R, L) contiguous
@@ -91,7 +91,7 @@ def se_gate_grad(grad_out, x):
 
 
 @autotuned(_SCALE_CONFIGS, _SCALE_INTERP, ["numel", "C", "HW", "CHANNELS_LAST"])
-@triton.jit
+@shape_generic_jit
 def _scale_kernel(x_ptr, gate_ptr, bias_ptr, out_ptr, numel, C, HW, HAS_BIAS: tl.constexpr,
                   CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
     """out = x * gate[n, c] (+ bias[n, c]) over x's storage order."""
