@@ -34,10 +34,16 @@ _NHWC_CONFIGS = [triton.Config({"BLOCK_P": 16, "BLOCK_C": 32}, num_warps=4),
 _NCHW_INTERP = _NHWC_INTERP = triton.Config({"BLOCK_P": 256, "BLOCK_C": 8})
 
 
-def _per_layout(kernel, **kwargs):
-    """(NCHW-tuned, channels_last-tuned) variants of one kernel."""
-    return (autotuned(_NCHW_CONFIGS, _NCHW_INTERP, _KEY, **kwargs)(kernel),
-            autotuned(_NHWC_CONFIGS, _NHWC_INTERP, _KEY, **kwargs)(kernel))
+def _per_layout(kernel, zeroed=None):
+    """(NCHW-tuned, channels_last-tuned) variants of one kernel. `zeroed` names an
+    accumulator argument cleared before every run, autotuning runs included."""
+    def configs(cfgs):
+        if zeroed is None:
+            return cfgs
+        return [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages,
+                              pre_hook=lambda nargs: nargs[zeroed].zero_()) for c in cfgs]
+    return (autotuned(configs(_NCHW_CONFIGS), configs([_NCHW_INTERP])[0], _KEY)(kernel),
+            autotuned(configs(_NHWC_CONFIGS), configs([_NHWC_INTERP])[0], _KEY)(kernel))
 
 
 # ----------------------------------------------------------------------------- tile helpers
@@ -209,8 +215,8 @@ def _backward_dy_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, a_ptr, b_ptr,
                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """dy = a * dz + b * y + c (float32, stored for the grad_x pass) and, per group,
     grad_weight partials sum(dy * x_tap) added to the group's own row of gw_ptr
-    (zero-initialised, (groups, C, K*K)); only this program touches that row, always in
-    the same order, so the sums are deterministic."""
+    ((groups, C, K*K), zeroed by the config's pre_hook); only this program touches that
+    row, always in the same order, so the sums are deterministic."""
     start, end = group_tile_range(P, groups, BLOCK_P)
     c, c_ok, c_in = _tile_channels(C, BLOCK_C)
     scale, shift = _load_channel(scale_ptr, c_in), _load_channel(shift_ptr, c_in)
@@ -236,7 +242,7 @@ def _backward_dy_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, a_ptr, b_ptr,
                               sem="relaxed")
 
 
-_backward_dy_nchw, _backward_dy_nhwc = _per_layout(_backward_dy_kernel, reset_to_zero=["gw_ptr"])
+_backward_dy_nchw, _backward_dy_nhwc = _per_layout(_backward_dy_kernel, zeroed="gw_ptr")
 
 
 @shape_generic_jit
@@ -343,7 +349,7 @@ def dwconv_bn_silu_backward(grad_out, x, weight, scale, shift, coef_a, coef_b, c
     pixels, groups = n * oh * ow, num_groups(n * oh * ow)
     weight = weight.contiguous()
     dy = empty_like_layout(x, (n, c, oh, ow), torch.float32)
-    gw_partials = torch.zeros(groups, c * k * k, dtype=torch.float32, device=x.device)
+    gw_partials = torch.empty(groups, c * k * k, dtype=torch.float32, device=x.device)  # zeroed by the launch
     _pick((_backward_dy_nchw, _backward_dy_nhwc), x)[_grid(pixels, c, groups)](
         grad_out, x, weight, _vec(scale), _vec(shift), _vec(coef_a), _vec(coef_b), _vec(coef_c), dy,
         gw_partials, c, h, w, oh, ow, pixels, groups, *x.stride(), *grad_out.stride(), *dy.stride(),
