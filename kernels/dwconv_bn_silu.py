@@ -16,8 +16,8 @@ import triton.language as tl
 
 from effnet_fast.ops.common import is_channels_last
 
-from ._common import (INTERPRET, autotuned, shape_generic_jit, check_supported, empty_like_layout, group_tile_range, num_groups,
-                      sum_rows)
+from ._common import (INTERPRET, autotuned, check_supported, empty_like_layout, group_tile_range, num_groups,
+                      shape_generic_jit, sum_rows)
 
 _KEY = ["C", "OH", "OW", "K", "STRIDE"]
 # At most 4 elements per thread: the k*k tap loads are all in flight at once, and more
@@ -213,7 +213,7 @@ def _backward_dy_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, a_ptr, b_ptr,
                         C, H, W, OH, OW, P, groups, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
                         sdn, sdc, sdh, sdw, K: tl.constexpr, STRIDE,
                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dy = a * dz + b * y + c (float32, stored for the grad_x pass) and, per group,
+    """dy = a * dz + b * y + c (stored in x's dtype for the grad_x pass) and, per group,
     grad_weight partials sum(dy * x_tap) added to the group's own row of gw_ptr
     ((groups, C, K*K), zeroed by the config's pre_hook); only this program touches that
     row, always in the same order, so the sums are deterministic."""
@@ -227,7 +227,7 @@ def _backward_dy_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, a_ptr, b_ptr,
         y = _conv_tile(x_ptr, w_ptr, n, oh, ow, c_in, p_ok, H, W, sxn, sxc, sxh, sxw, K, STRIDE, BLOCK_P, BLOCK_C)
         dz = _silu_grad_dz(g_ptr, n, oh, ow, c_in, p_ok, sgn, sgc, sgh, sgw, y, scale, shift)
         dy = tl.where(p_ok[:, None], coef_a * dz + coef_b * y + coef_c, 0.0)
-        tl.store(dy_ptr + (n * sdn + oh * sdh + ow * sdw)[:, None] + (c * sdc)[None, :], dy,
+        tl.store(dy_ptr + (n * sdn + oh * sdh + ow * sdw)[:, None] + (c * sdc)[None, :], dy.to(dy_ptr.dtype.element_ty),
                  mask=p_ok[:, None] & c_ok[None, :])
         ohs, ows = oh * STRIDE, ow * STRIDE
         centre = x_ptr + (n * sxn + ohs * sxh + ows * sxw)[:, None] + (c_in * sxc)[None, :]
@@ -266,7 +266,7 @@ def _grad_input_kernel(dy_ptr, w_ptr, gx_ptr, C, H, W, OH, OW, Q, sdn, sdc, sdh,
             ok = row_ok & (tw >= 0) & (ow < OW) & ((tw & shift) == 0)
             dy = tl.load(base + (oh * sdh + ow * sdw)[:, None], mask=ok[:, None], other=0.0)
             wv = tl.load(w_ptr + c_in * (K * K) + (kh * K + kw))
-            acc += dy * wv.to(tl.float32)[None, :]
+            acc += dy.to(tl.float32) * wv.to(tl.float32)[None, :]
     offs = (n * sgn + ih * sgh + iw * sgw)[:, None] + (c * sgc)[None, :]
     tl.store(gx_ptr + offs, acc.to(gx_ptr.dtype.element_ty), mask=q_ok[:, None] & c_ok[None, :])
 
@@ -348,7 +348,8 @@ def dwconv_bn_silu_backward(grad_out, x, weight, scale, shift, coef_a, coef_b, c
     n, c, h, w, k, oh, ow = _geometry(x, weight, stride)
     pixels, groups = n * oh * ow, num_groups(n * oh * ow)
     weight = weight.contiguous()
-    dy = empty_like_layout(x, (n, c, oh, ow), torch.float32)
+    # dy in x's dtype: grad_x is rounded to it anyway, and half inputs move half the bytes.
+    dy = empty_like_layout(x, (n, c, oh, ow), x.dtype)
     gw_partials = torch.empty(groups, c * k * k, dtype=torch.float32, device=x.device)  # zeroed by the launch
     _pick((_backward_dy_nchw, _backward_dy_nhwc), x)[_grid(pixels, c, groups)](
         grad_out, x, weight, _vec(scale), _vec(shift), _vec(coef_a), _vec(coef_b), _vec(coef_c), dy,
