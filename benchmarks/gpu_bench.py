@@ -154,13 +154,11 @@ def bench_layer(torch, layer, dtype_name, layout, batch, bw, budget, backends):
     return row
 
 
-def bench_model(torch, fused, batch, steps, channels_last=False):
+def bench_model(torch, fused, batch, steps):
     from effnet_fast import EfficientNet
     torch.manual_seed(0)
     model = EfficientNet("b0", fused=fused).cuda()
     x = torch.randn(batch, 3, 224, 224, device="cuda")
-    if channels_last:
-        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device="cuda")
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
@@ -181,7 +179,7 @@ def bench_model(torch, fused, batch, steps, channels_last=False):
     end.record()
     torch.cuda.synchronize()
     ms = start.elapsed_time(end) / steps
-    return {"model": f"fused={fused!r}", "layout": "cl" if channels_last else "nchw", "step_ms": ms,
+    return {"model": f"fused={fused!r}", "layout": "nchw", "step_ms": ms,
             "img_s": batch / (ms * 1e-3), "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30}
 
 
@@ -191,40 +189,86 @@ def _cell(v, width=7):
     return f"{'-' if v is None else 'ERR':>{width}}"
 
 
-def print_layer_table(rows, names):
-    cols = ["eager", "compile"] + names
-    head = " ".join(f"{n[:7]:>7}" for n in cols)
-    ratio = " ".join(f"{n[:6] + '/fl':>9}" for n in names)
-    print(f"\n{'layer':<14}{'dt':<5}{'lay':<5}| fwd ms: {head} {'floor':>7} | fwd+bwd ms: {head} {'floor':>7} |"
-          f" {ratio} | max rel err")
-    for r in rows:
-        if "skipped" in r:
-            print(f"{r['layer']:<14}{r['dtype']:<5}{r['layout']:<5}| skipped ({r['skipped']})")
-            continue
-        parts = []
-        for i in (0, 1):
-            cells = [_cell(r[c][i] if isinstance(r.get(c), tuple) else r.get(c)) for c in cols]
-            parts.append(" ".join(cells) + " " + _cell(r["floor"][i]))
-        ratios = " ".join(f"{r[n][1] / r['floor'][1]:>9.2f}" if isinstance(r.get(n), tuple) else f"{'-':>9}"
-                          for n in names)
-        errs = " ".join(f"{n}={r[n + '_err']:.1e}" for n in names if isinstance(r.get(n + "_err"), float))
-        print(f"{r['layer']:<14}{r['dtype']:<5}{r['layout']:<5}| fwd ms: {parts[0]} | fwd+bwd ms: {parts[1]} |"
-              f" {ratios} | {errs}")
-        for c in cols:
-            if isinstance(r.get(c), str):
-                print(f"    {c}: {r[c]}")
-    print("(<backend>/fl: fused forward+backward time over its memory floor; ERR: message below the row)")
+def layer_header(names):
+    cols = " ".join(f"{n[:7]:>7}" for n in ["eager", "compile"] + names) + f" {'floor':>7}"
+    ratios = " ".join(f"{n[:6] + '/fl':>9}" for n in names)
+    print(f"\n(ms; <backend>/fl: fused forward+backward time over its memory floor; ERR: message below the row)\n"
+          f"{'layer':<14}{'dt':<5}{'lay':<5}| fwd: {cols} | fwd+bwd: {cols} | {ratios} | max rel err", flush=True)
 
 
-def print_model_table(rows):
-    if not rows:
+def print_layer_row(r, names):
+    lead = f"{r['layer']:<14}{r['dtype']:<5}{r['layout']:<5}|"
+    if "skipped" in r:
+        print(f"{lead} skipped ({r['skipped']})", flush=True)
         return
-    print(f"\n{'B0 train step':<22}{'layout':<7}{'ms/step':>9}{'img/s':>9}{'peak GiB':>10}")
-    for r in rows:
-        if "error" in r or "skipped" in r:
-            print(f"{r['model']:<22}{r['layout']:<7} {r.get('error') or 'skipped (' + r['skipped'] + ')'}")
+    cols = ["eager", "compile"] + names
+    parts = []
+    for i in (0, 1):
+        cells = [_cell(r[c][i] if isinstance(r.get(c), tuple) else r.get(c)) for c in cols]
+        parts.append(" ".join(cells) + " " + _cell(r["floor"][i]))
+    ratios = " ".join(f"{r[n][1] / r['floor'][1]:>9.2f}" if isinstance(r.get(n), tuple) else f"{'-':>9}"
+                      for n in names)
+    errs = " ".join(f"{n}={r[n + '_err']:.1e}" for n in names if isinstance(r.get(n + "_err"), float))
+    print(f"{lead} fwd: {parts[0]} | fwd+bwd: {parts[1]} | {ratios} | {errs}", flush=True)
+    for c in cols:
+        if isinstance(r.get(c), str):
+            print(f"    {c}: {r[c]}", flush=True)
+
+
+def model_header():
+    print(f"\n{'B0 train step':<22}{'layout':<7}{'ms/step':>9}{'img/s':>9}{'peak GiB':>10}", flush=True)
+
+
+def print_model_row(r):
+    if "error" in r or "skipped" in r:
+        print(f"{r['model']:<22}{r['layout']:<7} {r.get('error') or 'skipped (' + r['skipped'] + ')'}", flush=True)
+    else:
+        print(f"{r['model']:<22}{r['layout']:<7}{r['step_ms']:>9.1f}{r['img_s']:>9.0f}{r['peak_gib']:>10.2f}",
+              flush=True)
+
+
+def run_models(torch, args, backends, budget):
+    """B0 training step rows, printed as they finish."""
+    rows = []
+    model_header()
+    for fused in [False] + backends:
+        if budget.left() <= 0:
+            row = {"model": f"fused={fused!r}", "layout": "nchw", "skipped": "budget"}
         else:
-            print(f"{r['model']:<22}{r['layout']:<7}{r['step_ms']:>9.1f}{r['img_s']:>9.0f}{r['peak_gib']:>10.2f}")
+            try:
+                row = bench_model(torch, fused, args.model_batch, args.model_steps)
+            except Exception as exc:
+                traceback.print_exc()
+                row = {"model": f"fused={fused!r}", "layout": "nchw", "error": f"{type(exc).__name__}: {exc}"[:200]}
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+        print_model_row(row)
+    return rows
+
+
+def run_layers(torch, args, backends, budget, bw):
+    """Per-layer rows, pass by pass, printed as they finish."""
+    rows = []
+    layers = B0_DEPTHWISE if args.layers == "all" else [B0_DEPTHWISE[int(i)] for i in args.layers.split(",")]
+    layer_header(backends)
+    for pass_ in args.passes.split(","):
+        dtype_name, layout = pass_.split("-")
+        for c, h, k, s in layers:
+            row = {"layer": f"{c}x{h} k{k}s{s}", "dtype": dtype_name, "layout": layout}
+            if budget.left() <= 0:
+                row["skipped"] = "budget"
+            else:
+                try:
+                    row = bench_layer(torch, (c, h, k, s), dtype_name, layout, args.batch, bw, budget, backends)
+                except Exception as exc:
+                    traceback.print_exc()
+                    row["skipped"] = f"{type(exc).__name__}: {exc}"[:200]
+                if DEVICE == "cuda":
+                    torch.cuda.empty_cache()
+            rows.append(row)
+            print_layer_row(row, backends)
+    return rows
 
 
 def main(argv=None):
@@ -243,45 +287,9 @@ def main(argv=None):
     device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
     print(f"{device_name}, torch {torch.__version__}, fused backends {backends}, "
           f"copy bandwidth {bw / 1e9:.0f} GB/s, batch {args.batch}", flush=True)
-    results = {"device": device_name, "bandwidth_gbs": bw / 1e9, "layers": [], "model": []}
-
-    model_runs = [] if args.no_model else [(f, False) for f in [False] + backends]
-    for fused, cl in model_runs:
-        if budget.left() <= 0:
-            results["model"].append({"model": f"fused={fused!r}", "layout": "nchw", "skipped": "budget"})
-            continue
-        try:
-            results["model"].append(bench_model(torch, fused, args.model_batch, args.model_steps, cl))
-        except Exception as exc:
-            traceback.print_exc()
-            results["model"].append({"model": f"fused={fused!r}", "layout": "nchw",
-                                     "error": f"{type(exc).__name__}: {exc}"[:200]})
-        torch.cuda.empty_cache()
-        print(f"  model fused={fused!r} done at {time.time() - budget.start:.0f}s", file=sys.stderr, flush=True)
-
-    layers = B0_DEPTHWISE if args.layers == "all" else [B0_DEPTHWISE[int(i)] for i in args.layers.split(",")]
-    for pass_ in args.passes.split(","):
-        dtype_name, layout = pass_.split("-")
-        for layer in layers:
-            if budget.left() <= 0:
-                c, h, k, s = layer
-                results["layers"].append({"layer": f"{c}x{h} k{k}s{s}", "dtype": dtype_name, "layout": layout,
-                                          "skipped": "budget"})
-                continue
-            try:
-                row = bench_layer(torch, layer, dtype_name, layout, args.batch, bw, budget, backends)
-            except Exception as exc:
-                traceback.print_exc()
-                c, h, k, s = layer
-                row = {"layer": f"{c}x{h} k{k}s{s}", "dtype": dtype_name, "layout": layout,
-                       "skipped": f"{type(exc).__name__}: {exc}"[:200]}
-            results["layers"].append(row)
-            if DEVICE == "cuda":
-                torch.cuda.empty_cache()
-        print(f"  pass {pass_} done at {time.time() - budget.start:.0f}s", file=sys.stderr, flush=True)
-
-    print_layer_table(results["layers"], backends)
-    print_model_table(results["model"])
+    results = {"device": device_name, "bandwidth_gbs": bw / 1e9}
+    results["model"] = [] if args.no_model else run_models(torch, args, backends, budget)
+    results["layers"] = run_layers(torch, args, backends, budget, bw)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, default=str)

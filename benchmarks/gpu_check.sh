@@ -38,7 +38,8 @@ run_step() {
     | tee "$LOGS/versions.log"
 
 # 1. Build. Without the CUDA part if that fails, so the Triton backend is still checked.
-export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
+# PIP_BREAK_SYSTEM_PACKAGES: allow the editable install into a system Python.
+export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PIP_BREAK_SYSTEM_PACKAGES=1
 if ! EFFNET_FAST_BUILD_CUDA=1 run_step build 240 "$PY" -m pip install -e . --no-build-isolation --no-deps --no-index -v; then
     echo "   CUDA build failed: installing without the CUDA extension"
     EFFNET_FAST_BUILD_CUDA=0 run_step build_nocuda 120 "$PY" -m pip install -e . --no-build-isolation --no-deps --no-index
@@ -47,8 +48,10 @@ fi
 
 # 2. GPU tests. One Triton config per kernel here (compiling every autotuning config would
 # take minutes); the benchmark below autotunes and checks each fused row against eager.
-EFFNET_FAST_TRITON_AUTOTUNE=0 run_step tests 150 "$PY" -m pytest tests -m "cuda and not slow" -q -rfEs \
-    -p no:cacheprovider --junitxml="$LOGS/tests.xml"
+# No TF32 in the float32 references (cuDNN/cuBLAS), their tolerance is 2e-4.
+EFFNET_FAST_TRITON_AUTOTUNE=0 NVIDIA_TF32_OVERRIDE=0 run_step tests 150 \
+    "$PY" -m pytest tests -m "cuda and not slow" -q -rfEs -p no:cacheprovider --continue-on-collection-errors \
+    --junitxml="$LOGS/tests.xml"
 
 # 3. Benchmark: its own budget leaves time for the tables to print before the timeout.
 left=$(( TOTAL_S - $(elapsed) - 30 ))
@@ -58,4 +61,4 @@ run_step bench $(( left + 25 )) "$PY" benchmarks/gpu_bench.py --budget-s "$left"
 echo
 echo "== summary (total $(elapsed)s, logs in $LOGS)"
 grep -E "^(FAILED|ERROR)|passed|failed" "$LOGS/tests.log" | tail -n 15
-sed -n '/^layer /,$p' "$LOGS/bench.log"
+sed -n '/^\(B0 train step\|(ms; \)/,$p' "$LOGS/bench.log"
