@@ -71,15 +71,17 @@ def _conv_tile(x_ptr, w_ptr, n, oh, ow, c, p_ok, H, W, sxn, sxc, sxh, sxw,
     """y = dwconv(x, w) on a tile, float32; exactly 0 where p_ok is False."""
     ohs, ows = oh * STRIDE, ow * STRIDE
     centre = x_ptr + (n * sxn + ohs * sxh + ows * sxw)[:, None] + (c * sxc)[None, :]
+    w_row = w_ptr + c * (K * K)
     y = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
     for kh in tl.static_range(K):
         ih = ohs + (kh - K // 2)
         row_ok = p_ok & (ih >= 0) & (ih < H)
+        row = centre + (kh - K // 2) * sxh
         for kw in tl.static_range(K):
             iw = ows + (kw - K // 2)
             ok = row_ok & (iw >= 0) & (iw < W)
-            xv = tl.load(centre + ((kh - K // 2) * sxh + (kw - K // 2) * sxw), mask=ok[:, None], other=0.0)
-            wv = tl.load(w_ptr + c * (K * K) + (kh * K + kw))
+            xv = tl.load(row + (kw - K // 2) * sxw, mask=ok[:, None], other=0.0)
+            wv = tl.load(w_row + (kh * K + kw))
             y += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
     return y
 
@@ -234,10 +236,11 @@ def _backward_dy_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, a_ptr, b_ptr,
         for kh in tl.static_range(K):
             ih = ohs + (kh - K // 2)
             row_ok = p_ok & (ih >= 0) & (ih < H)
+            row = centre + (kh - K // 2) * sxh
             for kw in tl.static_range(K):
                 iw = ows + (kw - K // 2)
                 ok = row_ok & (iw >= 0) & (iw < W)
-                xv = tl.load(centre + ((kh - K // 2) * sxh + (kw - K // 2) * sxw), mask=ok[:, None], other=0.0)
+                xv = tl.load(row + (kw - K // 2) * sxw, mask=ok[:, None], other=0.0)
                 tl.atomic_add(gw_row + (kh * K + kw), tl.sum(dy * xv.to(tl.float32), 0), mask=c_ok,
                               sem="relaxed")
 
@@ -255,17 +258,19 @@ def _grad_input_kernel(dy_ptr, w_ptr, gx_ptr, C, H, W, OH, OW, Q, sdn, sdc, sdh,
     n, ih, iw, q_ok = _tile_pixels(tl.program_id(0), Q, H, W, BLOCK_P)
     c, c_ok, c_in = _tile_channels(C, BLOCK_C)
     base = dy_ptr + (n * sdn)[:, None] + (c_in * sdc)[None, :]
+    w_row = w_ptr + c_in * (K * K)
     acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
     for kh in tl.static_range(K):
         th = ih + (K // 2 - kh)
         oh = th >> shift
         row_ok = q_ok & (th >= 0) & (oh < OH) & ((th & shift) == 0)
+        row = base + (oh * sdh)[:, None]
         for kw in tl.static_range(K):
             tw = iw + (K // 2 - kw)
             ow = tw >> shift
             ok = row_ok & (tw >= 0) & (ow < OW) & ((tw & shift) == 0)
-            dy = tl.load(base + (oh * sdh + ow * sdw)[:, None], mask=ok[:, None], other=0.0)
-            wv = tl.load(w_ptr + c_in * (K * K) + (kh * K + kw))
+            dy = tl.load(row + (ow * sdw)[:, None], mask=ok[:, None], other=0.0)
+            wv = tl.load(w_row + (kh * K + kw))
             acc += dy.to(tl.float32) * wv.to(tl.float32)[None, :]
     offs = (n * sgn + ih * sgh + iw * sgw)[:, None] + (c * sgc)[None, :]
     tl.store(gx_ptr + offs, acc.to(gx_ptr.dtype.element_ty), mask=q_ok[:, None] & c_ok[None, :])
