@@ -8,7 +8,7 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 LOGS="${OUT:-/tmp/effnet_fast_gpu_check}"
 mkdir -p "$LOGS"
-PY="${PYTHON:-python3}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
 TOTAL_S=450
 START=$(date +%s)
 unset TRITON_INTERPRET

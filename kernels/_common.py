@@ -23,9 +23,10 @@ _INT32_LIMIT = 2 ** 31
 
 
 # Sizes and the stride stay runtime values (no specialisation on divisibility by 16 or on
-# being 1): one compiled kernel serves every layer shape of a model. Tensor strides are
-# still specialised; that is what tells Triton which dimension is contiguous.
-_SHAPE_ARGS = ("C", "H", "W", "OH", "OW", "P", "Q", "groups", "STRIDE", "R", "L", "rows", "cols", "split",
+# being 1): one compiled kernel serves every layer shape of a model. Tensor strides, and
+# the row length L of the SE reductions, are still specialised: they tell Triton which
+# dimension is contiguous and whether rows are aligned for vector loads.
+_SHAPE_ARGS = ("C", "H", "W", "OH", "OW", "P", "Q", "groups", "STRIDE", "R", "rows", "cols", "split",
                "numel", "HW")
 
 

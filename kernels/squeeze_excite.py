@@ -66,11 +66,11 @@ def _pixels_sum_kernel(a_ptr, b_ptr, out_ptr, R, L, factor, PRODUCT: tl.constexp
 
 def _reduce_planes(a, b, factor):
     """(N, C) float32: factor * sum over H, W of a (* b); a, b share a supported layout."""
-    check_supported(a) if b is None else check_supported(a, b)
+    product = b is not None
+    b = b if product else a
+    check_supported(a, b)
     n, c, h, w = a.shape
     out = torch.empty(n, c, dtype=torch.float32, device=a.device)
-    product = b is not None
-    b = a if b is None else b
     if is_channels_last(a):
         _pixels_sum_kernel[lambda meta: (n, triton.cdiv(c, meta["BLOCK_L"]))](
             a, b, out, h * w, c, factor, PRODUCT=product)
