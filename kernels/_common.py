@@ -26,8 +26,8 @@ _INT32_LIMIT = 2 ** 31
 # being 1): one compiled kernel serves every layer shape of a model. Tensor strides, and
 # the row length L of the SE reductions, are still specialised: they tell Triton which
 # dimension is contiguous and whether rows are aligned for vector loads.
-_SHAPE_ARGS = ("C", "H", "W", "OH", "OW", "P", "Q", "groups", "STRIDE", "R", "rows", "cols", "split",
-               "numel", "HW")
+_SHAPE_ARGS = ("C", "H", "W", "OH", "OW", "P", "Q", "N", "groups", "STRIDE", "R", "rows", "cols", "split",
+               "rows_per_split", "numel", "HW")
 
 
 def shape_generic_jit(fn):

@@ -7,9 +7,9 @@ import triton.language as tl
 
 from effnet_fast.ops.common import as_supported_layout, is_channels_last, memory_format_of
 
-from ._common import autotuned, check_supported, shape_generic_jit
+from ._common import INTERPRET, autotuned, check_supported, shape_generic_jit, sum_rows
 
-_REDUCE_KEY = ["R", "L"]
+_REDUCE_KEY = ["R", "L", "rows_per_split"]
 # NCHW: a block of planes per program, each reduced along its contiguous H*W.
 _PLANES_CONFIGS = [triton.Config({"BLOCK_R": 4, "BLOCK_L": 512}, num_warps=4),
                    triton.Config({"BLOCK_R": 16, "BLOCK_L": 64}, num_warps=4),
@@ -48,20 +48,33 @@ def _planes_sum_kernel(a_ptr, b_ptr, out_ptr, R, L, factor, PRODUCT: tl.constexp
 
 @autotuned(_PIXELS_CONFIGS, _PIXELS_INTERP, _REDUCE_KEY)
 @shape_generic_jit
-def _pixels_sum_kernel(a_ptr, b_ptr, out_ptr, R, L, factor, PRODUCT: tl.constexpr,
+def _pixels_sum_kernel(a_ptr, b_ptr, out_ptr, N, R, L, rows_per_split, factor, PRODUCT: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
-    """out[n, l] = factor * sum_r a[n, r, l] (* b[n, r, l]) for an (N, R, L) contiguous
-    tensor (R = H*W pixels, L = C channels); grid (N, cdiv(L, BLOCK_L))."""
+    """out[s, n, l] = factor * sum over rows r of split s of a[n, r, l] (* b[n, r, l]) for an
+    (N, R, L) contiguous tensor (R = H*W pixels, L = C channels); grid (N, cdiv(L, BLOCK_L), splits)."""
     n = tl.program_id(0)
     col = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     col_ok = col < L
+    start = tl.program_id(2) * rows_per_split
+    end = tl.minimum(start + rows_per_split, R)
     base = n * R * L
     acc = tl.zeros((BLOCK_R, BLOCK_L), tl.float32)
-    for r0 in range(0, R, BLOCK_R):
+    for r0 in range(start, end, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
-        acc += _load_term(a_ptr, b_ptr, base + r[:, None] * L + col[None, :], (r < R)[:, None] & col_ok[None, :],
+        acc += _load_term(a_ptr, b_ptr, base + r[:, None] * L + col[None, :], (r < end)[:, None] & col_ok[None, :],
                           PRODUCT)
-    tl.store(out_ptr + n * L + col, tl.sum(acc, 0) * factor, mask=col_ok)
+    tl.store(out_ptr + (tl.program_id(2) * N + n) * L + col, tl.sum(acc, 0) * factor, mask=col_ok)
+
+
+def _pixel_splits(n, c, hw, device):
+    """How many programs share one image's H*W rows in the channels_last reduction: enough
+    programs for the whole GPU when N * C is small (each split adds an (N, C) partial)."""
+    if INTERPRET:
+        target = 8  # the test shapes then take the multi-split path too
+    else:
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = triton.cdiv(target, n * triton.cdiv(c, 64))
+    return max(1, min(wanted, triton.cdiv(hw, 64)))
 
 
 def _reduce_planes(a, b, factor):
@@ -70,13 +83,15 @@ def _reduce_planes(a, b, factor):
     b = b if product else a
     check_supported(a, b)
     n, c, h, w = a.shape
-    out = torch.empty(n, c, dtype=torch.float32, device=a.device)
     if is_channels_last(a):
-        _pixels_sum_kernel[lambda meta: (n, triton.cdiv(c, meta["BLOCK_L"]))](
-            a, b, out, h * w, c, factor, PRODUCT=product)
-    else:
-        _planes_sum_kernel[lambda meta: (triton.cdiv(n * c, meta["BLOCK_R"]),)](
-            a, b, out, n * c, h * w, factor, PRODUCT=product)
+        splits = _pixel_splits(n, c, h * w, a.device)
+        out = torch.empty(splits, n, c, dtype=torch.float32, device=a.device)
+        _pixels_sum_kernel[lambda meta: (n, triton.cdiv(c, meta["BLOCK_L"]), splits)](
+            a, b, out, n, h * w, c, triton.cdiv(h * w, splits), factor, PRODUCT=product)
+        return out[0] if splits == 1 else sum_rows(out.view(splits, n * c)).view(n, c)
+    out = torch.empty(n, c, dtype=torch.float32, device=a.device)
+    _planes_sum_kernel[lambda meta: (triton.cdiv(n * c, meta["BLOCK_R"]),)](
+        a, b, out, n * c, h * w, factor, PRODUCT=product)
     return out
 
 
