@@ -67,7 +67,7 @@ def check_supported(*tensors):
 
 def empty_like_layout(x, shape, dtype):
     """An uninitialised tensor of `shape` in x's memory format."""
-    return torch.empty(shape, dtype=dtype, device=x.device).contiguous(memory_format=memory_format_of(x))
+    return torch.empty(shape, dtype=dtype, device=x.device, memory_format=memory_format_of(x))
 
 
 def num_groups(pixels):

@@ -23,7 +23,7 @@ def _channel_vectors(x, count):
 
 
 def _like(x, shape, dtype=None):
-    return x.new_empty(shape, dtype=dtype or x.dtype).contiguous(memory_format=memory_format_of(x))
+    return torch.empty(shape, dtype=dtype or x.dtype, device=x.device, memory_format=memory_format_of(x))
 
 
 @torch.library.custom_op(f"{_NS}::dwconv_bn_silu_stats", mutates_args=())
