@@ -60,5 +60,5 @@ run_step bench $(( left + 25 )) "$PY" benchmarks/gpu_bench.py --budget-s "$left"
 
 echo
 echo "== summary (total $(elapsed)s, logs in $LOGS)"
-grep -E "^(FAILED|ERROR)|passed|failed" "$LOGS/tests.log" | tail -n 15
+grep -E "^(FAILED|ERROR)| (passed|failed|skipped|errors?)( |,|$)" "$LOGS/tests.log" | tail -n 15
 sed -n '/^\(B0 train step\|(ms; \)/,$p' "$LOGS/bench.log"
