@@ -49,9 +49,10 @@ fi
 # 2. GPU tests. One Triton config per kernel here (compiling every autotuning config would
 # take minutes); the benchmark below autotunes and checks each fused row against eager.
 # No TF32 in the float32 references (cuDNN/cuBLAS), their tolerance is 2e-4.
+# The op tests go first; -v logs each result as it comes, so a timeout still leaves them.
 EFFNET_FAST_TRITON_AUTOTUNE=0 NVIDIA_TF32_OVERRIDE=0 run_step tests 150 \
-    "$PY" -m pytest tests -m "cuda and not slow" -q -rfEs -p no:cacheprovider --continue-on-collection-errors \
-    --junitxml="$LOGS/tests.xml"
+    "$PY" -m pytest tests/test_dwconv_bn_silu.py tests/test_squeeze_excite.py tests -m "cuda and not slow" -v -rfEs \
+    -p no:cacheprovider --continue-on-collection-errors --junitxml="$LOGS/tests.xml"
 
 # 3. Benchmark: its own budget leaves time for the tables to print before the timeout.
 left=$(( TOTAL_S - $(elapsed) - 30 ))
@@ -60,5 +61,6 @@ run_step bench $(( left + 25 )) "$PY" benchmarks/gpu_bench.py --budget-s "$left"
 
 echo
 echo "== summary (total $(elapsed)s, logs in $LOGS)"
+echo "tests: $(grep -c ' PASSED' "$LOGS/tests.log") passed, $(grep -c ' FAILED' "$LOGS/tests.log") failed"
 grep -E "^(FAILED|ERROR)| (passed|failed|skipped|errors?)( |,|$)" "$LOGS/tests.log" | tail -n 15
 sed -n '/^\(B0 train step\|(ms; \)/,$p' "$LOGS/bench.log"
