@@ -1,3 +1,11 @@
 """Triton kernels for effnet_fast, shipped as effnet_fast.kernels.
 
-Exports the kernel-level ops of csrc/ops.cpp with the same signatures."""
+Exports the kernel-level ops of csrc/ops.cpp with the same signatures, as torch custom
+ops (namespace effnet_fast_triton) so that graphs calling them can be traced. They run on
+CUDA tensors, or on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set
+before this module is imported)."""
+from .ops import (dwconv_bn_silu_backward, dwconv_bn_silu_backward_reduce, dwconv_bn_silu_forward,
+                  dwconv_bn_silu_stats, se_gate_grad, se_pool, se_scale)
+
+__all__ = ["dwconv_bn_silu_stats", "dwconv_bn_silu_forward", "dwconv_bn_silu_backward_reduce",
+           "dwconv_bn_silu_backward", "se_pool", "se_scale", "se_gate_grad"]

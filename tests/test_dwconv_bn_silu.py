@@ -84,8 +84,10 @@ def test_matches_reference(backend, device, dtype, channels_last, train):
         for _ in range(2 if train else 1):
             ref.zero_grad(), fused.zero_grad()
             compare_step(ref, fused, random_input(n, c, h, w, dtype, device, channels_last), dtype, train)
+        # The fused layer keeps its running statistics in `dtype`: compare at its precision.
+        stats_dtype = torch.float32 if dtype == torch.float64 else dtype
         for name in ("running_mean", "running_var", "num_batches_tracked"):
-            assert_close(getattr(fused.bn, name), getattr(ref.bn, name), torch.float32, name)
+            assert_close(getattr(fused.bn, name), getattr(ref.bn, name), stats_dtype, name)
 
 
 @pytest.mark.parametrize("backend,device", backend_params())
@@ -155,6 +157,33 @@ def test_kernel_ops_match_reference(backend, device):
             want = want if isinstance(want, (tuple, list)) else (want,)
             for i, (a, e) in enumerate(zip(got, want)):
                 assert_close(a, e, torch.float32, f"{name}[{i}] at {(n, c, h, w, ks, stride)}", scale=5)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_kernel_ops_many_blocks(backend, device):
+    """Planes large enough that every reduction spans several tiles and pixel groups per
+    channel, on data whose mean is far larger than its spread (no cancellation allowed)."""
+    torch.manual_seed(5)
+    ref_k, k = kernels("reference"), kernels(backend)
+    n, c, h, w = (8, 32, 64, 64) if device == "cuda" else (2, 4, 24, 24)
+    for ks, stride in ((3, 1), (5, 2)):
+        x = torch.randn(n, c, h, w, device=device) * 0.1 + 50
+        wt = torch.randn(c, 1, ks, ks, device=device) * 0.01
+        wt[:, :, ks // 2, ks // 2] += 1
+        mean, var = k.dwconv_bn_silu_stats(x, wt, stride)
+        mean64, var64 = ref_k.dwconv_bn_silu_stats(x.double(), wt.double(), stride)
+        assert_close(mean, mean64, torch.float32, f"mean k={ks}")
+        assert_close(var, var64, torch.float32, f"var k={ks}")
+        scale, shift = torch.rsqrt(var + 1e-5), -mean * torch.rsqrt(var + 1e-5)
+        ca, cb, cc = (torch.randn(c, device=device) for _ in range(3))
+        g = torch.randn_like(ref_k.dwconv_bn_silu_forward(x, wt, scale, shift, stride))
+        for name, got, want in (
+                ("backward_reduce", k.dwconv_bn_silu_backward_reduce(g, x, wt, scale, shift, mean, stride),
+                 ref_k.dwconv_bn_silu_backward_reduce(g, x, wt, scale, shift, mean, stride)),
+                ("backward", k.dwconv_bn_silu_backward(g, x, wt, scale, shift, ca, cb, cc, stride),
+                 ref_k.dwconv_bn_silu_backward(g, x, wt, scale, shift, ca, cb, cc, stride))):
+            for i, (a, e) in enumerate(zip(got, want)):
+                assert_close(a, e, torch.float32, f"{name}[{i}] k={ks}", scale=5)
 
 
 @pytest.mark.parametrize("backend,device", backend_params())
