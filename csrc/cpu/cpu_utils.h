@@ -118,10 +118,33 @@ inline void store_acc(scalar_t* p, const Vectorized<acc_t>& v, int64_t count = V
   }
 }
 
+// exp for sigmoid: float uses ATen's inlined polynomial (about 1e-6 relative
+// error), which keeps the caller's registers alive across it; double keeps Sleef.
+template <typename T>
+inline Vectorized<T> exp_for_sigmoid(const Vectorized<T>& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v.exp_u20();
+  } else {
+    return v.exp();
+  }
+}
+
+// 1 / d for d >= 1: float uses the reciprocal estimate refined by one Newton
+// step (a few ulp) instead of a division, which is slow on wide vectors.
+template <typename T>
+inline Vectorized<T> reciprocal(const Vectorized<T>& d) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 r = _mm512_rcp14_ps(d);
+    return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
+  }
+#endif
+  return Vectorized<T>(T(1)) / d;
+}
+
 template <typename T>
 inline Vectorized<T> sigmoid(const Vectorized<T>& z) {
-  const Vectorized<T> one(T(1));
-  return one / (one + z.neg().exp());
+  return reciprocal(Vectorized<T>(T(1)) + exp_for_sigmoid(z.neg()));
 }
 
 template <typename T>

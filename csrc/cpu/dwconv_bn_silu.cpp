@@ -61,24 +61,6 @@ struct MeanM2 {
   }
 };
 
-// Mean and M2 of y[0, n), computed two-pass (the row is in L1).
-template <typename acc_t>
-std::pair<double, double> row_mean_m2(const acc_t* y, int64_t n) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  Vec sum(acc_t(0));
-  for (int64_t i = 0; i < n; i += V) sum = sum + Vec::loadu(y + i, std::min(V, n - i));
-  const double mean = lane_sum(sum) / double(n);
-  const Vec mean_v(static_cast<acc_t>(mean));
-  Vec sq(acc_t(0));
-  for (int64_t i = 0; i < n; i += V) {
-    const int64_t cnt = std::min(V, n - i);
-    const Vec d = keep_lanes(Vec::loadu(y + i, cnt) - mean_v, cnt);
-    sq = at::vec::fmadd(d, d, sq);
-  }
-  return {mean, lane_sum(sq)};
-}
-
 // ---------------------------------------------------------------------------
 // NCHW
 
@@ -199,23 +181,44 @@ void forward_nchw(const scalar_t* x, const acc_t* w, const acc_t* scale, const a
   });
 }
 
-// Per-plane mean and M2 of y into plane_mean / plane_m2.
+// Per-plane mean and M2 of y into plane_mean / plane_m2: y of the plane goes to
+// a scratch plane, then two passes over it (the second also measures how far
+// the rounded mean is off, and corrects M2 for it).
 template <int K, int S, typename scalar_t, typename acc_t>
 void stats_nchw(const scalar_t* x, const acc_t* w, double* plane_mean, double* plane_m2, const Geometry& g) {
-  constexpr int64_t V = lanes<acc_t>();
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
   const int64_t width = round_up(g.OW, V);
-  for_each_plane<scalar_t, acc_t>(x, g, [&](int64_t plane, Scratch<acc_t>& pad) {
-    std::vector<acc_t> row(width);
-    const auto wv = broadcast_weights<K>(w + (plane % g.C) * K * K);
-    MeanM2 acc;
-    for (int64_t oh = 0; oh < g.OH; ++oh) {
-      const RowTaps<K, S, acc_t> taps(pad, oh);
-      for (int64_t ow = 0; ow < g.OW; ow += V) taps.conv(wv.data(), ow).store(row.data() + ow);
-      auto [mean, m2] = row_mean_m2(row.data(), g.OW);
-      acc.merge(double(g.OW), mean, m2);
+  const double count = double(g.OH * g.OW);
+  at::parallel_for(0, g.N * g.C, 1, [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> pad = input_scratch<acc_t>(g);
+    std::vector<acc_t> ys(g.OH * width);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      load_padded_plane(pad, x + plane * g.H * g.W, g);
+      const auto wv = broadcast_weights<K>(w + (plane % g.C) * K * K);
+      Vec sum(acc_t(0));
+      for (int64_t oh = 0; oh < g.OH; ++oh) {
+        const RowTaps<K, S, acc_t> taps(pad, oh);
+        acc_t* row = ys.data() + oh * width;
+        for (int64_t ow = 0; ow < g.OW; ow += V) {
+          const Vec y = keep_lanes(taps.conv(wv.data(), ow), g.OW - ow);
+          y.store(row + ow);
+          sum = sum + y;
+        }
+      }
+      const acc_t rounded_mean = static_cast<acc_t>(lane_sum(sum) / count);
+      const Vec mean(rounded_mean);
+      Vec dev(acc_t(0)), sq(acc_t(0));
+      for (int64_t oh = 0; oh < g.OH; ++oh)
+        for (int64_t ow = 0; ow < g.OW; ow += V) {
+          const Vec d = keep_lanes(Vec::loadu(ys.data() + oh * width + ow) - mean, g.OW - ow);
+          dev = dev + d;
+          sq = at::vec::fmadd(d, d, sq);
+        }
+      const double offset = lane_sum(dev) / count;  // exact mean - rounded mean
+      plane_mean[plane] = double(rounded_mean) + offset;
+      plane_m2[plane] = std::max(0.0, lane_sum(sq) - offset * offset * count);
     }
-    plane_mean[plane] = acc.mean;
-    plane_m2[plane] = acc.m2;
   });
 }
 
@@ -231,10 +234,10 @@ void backward_reduce_nchw(const scalar_t* grad, const scalar_t* x, const acc_t* 
     const auto wv = broadcast_weights<K>(w + c * K * K);
     const Vec sc(scale[c]), sh(shift[c]), mu(mean[c]);
     double total_dz = 0, total_dz_xmu = 0;
+    Vec s_dz(acc_t(0)), s_dz_xmu(acc_t(0));
     for (int64_t oh = 0; oh < g.OH; ++oh) {
       const RowTaps<K, S, acc_t> taps(pad, oh);
       const scalar_t* grow = grad + (plane * g.OH + oh) * g.OW;
-      Vec s_dz(acc_t(0)), s_dz_xmu(acc_t(0));
       for (int64_t ow = 0; ow < g.OW; ow += V) {
         const Vec y = taps.conv(wv.data(), ow);
         // grad loads zero past the row end, so dz is zero there.
@@ -242,8 +245,12 @@ void backward_reduce_nchw(const scalar_t* grad, const scalar_t* x, const acc_t* 
         s_dz = s_dz + dz;
         s_dz_xmu = at::vec::fmadd(dz, y - mu, s_dz_xmu);
       }
-      total_dz += lane_sum(s_dz);
-      total_dz_xmu += lane_sum(s_dz_xmu);
+      // Flushed to double every 8 rows (per row would dominate on small planes).
+      if (oh % 8 == 7 || oh == g.OH - 1) {
+        total_dz += lane_sum(s_dz);
+        total_dz_xmu += lane_sum(s_dz_xmu);
+        s_dz = s_dz_xmu = Vec(acc_t(0));
+      }
     }
     sum_dz[plane] = total_dz;
     sum_dz_xmu[plane] = total_dz_xmu;
@@ -353,48 +360,75 @@ void backward_nchw(const scalar_t* grad, const scalar_t* x, const acc_t* w, cons
 
 // ---------------------------------------------------------------------------
 // Channels_last
+//
+// Every loop runs over blocks of V channels outermost, so the block's K * K
+// weight vectors (or K * K grad_weight accumulators) stay in registers while
+// the pixels of a row stream past; a tap is then one load and one FMA.
 
-// The taps of output pixel (oh, ow) that fall inside the image: offset of the
-// input pixel (in elements, from the image start) and weight row.
-template <int K>
-struct PixelTaps {
-  int64_t x_offset[K * K];
-  int w_index[K * K];
-  int count = 0;
-
-  PixelTaps(const Geometry& g, int64_t oh, int64_t ow) {
-    const int64_t ih0 = oh * g.S - g.P, iw0 = ow * g.S - g.P;
-    for (int kh = 0; kh < K; ++kh) {
-      const int64_t ih = ih0 + kh;
-      if (ih < 0 || ih >= g.H) continue;
-      for (int kw = 0; kw < K; ++kw) {
-        const int64_t iw = iw0 + kw;
-        if (iw < 0 || iw >= g.W) continue;
-        x_offset[count] = (ih * g.W + iw) * g.C;
-        w_index[count] = kh * K + kw;
-        ++count;
-      }
-    }
+template <int K, typename acc_t>
+struct TapWeights {
+  Vectorized<acc_t> w[K * K];
+  TapWeights(const acc_t* wt, int64_t C, int64_t c, int64_t cnt) {
+    for (int i = 0; i < K * K; ++i) w[i] = Vectorized<acc_t>::loadu(wt + i * C + c, cnt);
   }
 };
 
-// y at one pixel for channels [c, c + cnt); weights are [K * K][C].
-template <int K, typename scalar_t, typename acc_t>
-inline Vectorized<acc_t> conv_pixel(const PixelTaps<K>& taps, const scalar_t* image, const acc_t* wt, int64_t C,
-                                    int64_t c, int64_t cnt) {
+// The taps of output pixel (oh, ow) that fall inside the image, and the offset
+// (in elements, from the image start, channel c) of its top-left tap.
+struct Window {
+  int kh_lo, kh_hi, kw_lo, kw_hi;
+  int64_t offset;
+  bool full(int K) const { return kh_lo == 0 && kh_hi == K && kw_lo == 0 && kw_hi == K; }
+};
+
+inline Window window_of(const Geometry& g, int64_t oh, int64_t ow, int64_t c) {
+  const int64_t ih0 = oh * g.S - g.P, iw0 = ow * g.S - g.P;
+  return {int(std::max<int64_t>(0, -ih0)), int(std::min<int64_t>(g.K, g.H - ih0)),
+          int(std::max<int64_t>(0, -iw0)), int(std::min<int64_t>(g.K, g.W - iw0)),
+          (ih0 * g.W + iw0) * g.C + c};
+}
+
+// Calls fn(kh, kw, x pointer) for every tap of the window inside the image.
+template <int K, bool Full, typename scalar_t, typename Fn>
+inline void for_each_tap(const scalar_t* image, const Window& win, const Geometry& g, Fn&& fn) {
+  const int64_t row_stride = g.W * g.C;
+#pragma GCC unroll 5
+  for (int kh = 0; kh < K; ++kh) {
+    if (!Full && (kh < win.kh_lo || kh >= win.kh_hi)) continue;
+#pragma GCC unroll 5
+    for (int kw = 0; kw < K; ++kw) {
+      if (!Full && (kw < win.kw_lo || kw >= win.kw_hi)) continue;
+      fn(kh, kw, image + (win.offset + kh * row_stride + kw * g.C));
+    }
+  }
+}
+
+template <int K, bool Full, typename scalar_t, typename acc_t>
+inline Vectorized<acc_t> conv_window(const scalar_t* image, const Window& win, const Geometry& g,
+                                     const Vectorized<acc_t>* w, int64_t cnt) {
   using Vec = Vectorized<acc_t>;
   Vec acc0(acc_t(0)), acc1(acc_t(0));
-  int t = 0;
-  for (; t + 1 < taps.count; t += 2) {
-    acc0 = at::vec::fmadd(load_acc<acc_t>(image + taps.x_offset[t] + c, cnt),
-                          Vec::loadu(wt + taps.w_index[t] * C + c, cnt), acc0);
-    acc1 = at::vec::fmadd(load_acc<acc_t>(image + taps.x_offset[t + 1] + c, cnt),
-                          Vec::loadu(wt + taps.w_index[t + 1] * C + c, cnt), acc1);
-  }
-  if (t < taps.count)
-    acc0 = at::vec::fmadd(load_acc<acc_t>(image + taps.x_offset[t] + c, cnt),
-                          Vec::loadu(wt + taps.w_index[t] * C + c, cnt), acc0);
+  for_each_tap<K, Full>(image, win, g, [&](int kh, int kw, const scalar_t* p) {
+    Vec& acc = ((kh * K + kw) & 1) ? acc1 : acc0;
+    acc = at::vec::fmadd(load_acc<acc_t>(p, cnt), w[kh * K + kw], acc);
+  });
   return acc0 + acc1;
+}
+
+// y at pixel (oh, ow), channels [c, c + cnt).
+template <int K, typename scalar_t, typename acc_t>
+inline Vectorized<acc_t> conv_pixel(const scalar_t* image, const Geometry& g, int64_t oh, int64_t ow, int64_t c,
+                                    const Vectorized<acc_t>* w, int64_t cnt) {
+  const Window win = window_of(g, oh, ow, c);
+  return win.full(K) ? conv_window<K, true>(image, win, g, w, cnt) : conv_window<K, false>(image, win, g, w, cnt);
+}
+
+// Runs fn(n, oh) in parallel over the output rows of every image.
+template <typename Fn>
+void for_each_output_row(const Geometry& g, Fn&& fn) {
+  at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) fn(task / g.OH, task % g.OH);
+  });
 }
 
 template <int K, typename scalar_t, typename acc_t>
@@ -402,19 +436,16 @@ void forward_nhwc(const scalar_t* x, const acc_t* wt, const acc_t* scale, const 
                   const Geometry& g) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / g.OH, oh = task % g.OH;
-      const scalar_t* image = x + n * g.H * g.W * g.C;
+  for_each_output_row(g, [&](int64_t n, int64_t oh) {
+    const scalar_t* image = x + n * g.H * g.W * g.C;
+    scalar_t* dst = out + (n * g.OH + oh) * g.OW * g.C;
+    for (int64_t c = 0; c < g.C; c += V) {
+      const int64_t cnt = std::min(V, g.C - c);
+      const TapWeights<K, acc_t> tw(wt, g.C, c, cnt);
+      const Vec sc = Vec::loadu(scale + c, cnt), sh = Vec::loadu(shift + c, cnt);
       for (int64_t ow = 0; ow < g.OW; ++ow) {
-        const PixelTaps<K> taps(g, oh, ow);
-        scalar_t* dst = out + ((n * g.OH + oh) * g.OW + ow) * g.C;
-        for (int64_t c = 0; c < g.C; c += V) {
-          const int64_t cnt = std::min(V, g.C - c);
-          const Vec y = conv_pixel(taps, image, wt, g.C, c, cnt);
-          const Vec z = at::vec::fmadd(y, Vec::loadu(scale + c, cnt), Vec::loadu(shift + c, cnt));
-          store_acc(dst + c, silu(z), cnt);
-        }
+        const Vec z = at::vec::fmadd(conv_pixel<K>(image, g, oh, ow, c, tw.w, cnt), sc, sh);
+        store_acc(dst + ow * g.C + c, silu(z), cnt);
       }
     }
   });
@@ -426,28 +457,22 @@ void stats_nhwc(const scalar_t* x, const acc_t* wt, double* row_mean, double* ro
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> ys(g.OW * g.C);
+    std::vector<Vec> ys(g.OW);
+    const Vec inv_count(acc_t(1) / acc_t(g.OW));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / g.OH, oh = task % g.OH;
       const scalar_t* image = x + n * g.H * g.W * g.C;
-      for (int64_t ow = 0; ow < g.OW; ++ow) {
-        const PixelTaps<K> taps(g, oh, ow);
-        for (int64_t c = 0; c < g.C; c += V) {
-          const int64_t cnt = std::min(V, g.C - c);
-          conv_pixel(taps, image, wt, g.C, c, cnt).store(ys.data() + ow * g.C + c, cnt);
-        }
-      }
-      const Vec inv_count(acc_t(1) / acc_t(g.OW));
       for (int64_t c = 0; c < g.C; c += V) {
         const int64_t cnt = std::min(V, g.C - c);
+        const TapWeights<K, acc_t> tw(wt, g.C, c, cnt);
         Vec sum(acc_t(0));
-        for (int64_t ow = 0; ow < g.OW; ++ow) sum = sum + Vec::loadu(ys.data() + ow * g.C + c, cnt);
+        for (int64_t ow = 0; ow < g.OW; ++ow) {
+          ys[ow] = conv_pixel<K>(image, g, oh, ow, c, tw.w, cnt);
+          sum = sum + ys[ow];
+        }
         const Vec mean = sum * inv_count;
         Vec sq(acc_t(0));
-        for (int64_t ow = 0; ow < g.OW; ++ow) {
-          const Vec d = Vec::loadu(ys.data() + ow * g.C + c, cnt) - mean;
-          sq = at::vec::fmadd(d, d, sq);
-        }
+        for (int64_t ow = 0; ow < g.OW; ++ow) sq = at::vec::fmadd(ys[ow] - mean, ys[ow] - mean, sq);
         __at_align__ acc_t mean_l[V], sq_l[V];
         mean.store(mean_l);
         sq.store(sq_l);
@@ -460,6 +485,13 @@ void stats_nhwc(const scalar_t* x, const acc_t* wt, double* row_mean, double* ro
   });
 }
 
+template <typename acc_t>
+void store_lanes(double* dst, const Vectorized<acc_t>& v, int64_t cnt) {
+  __at_align__ acc_t lanes[Vectorized<acc_t>::size()];
+  v.store(lanes);
+  for (int64_t l = 0; l < cnt; ++l) dst[l] = lanes[l];
+}
+
 // Per-row (n, oh) sums of dz and dz * (y - mean): [N * OH][C].
 template <int K, typename scalar_t, typename acc_t>
 void backward_reduce_nhwc(const scalar_t* grad, const scalar_t* x, const acc_t* wt, const acc_t* scale,
@@ -467,30 +499,23 @@ void backward_reduce_nhwc(const scalar_t* grad, const scalar_t* x, const acc_t* 
                           const Geometry& g) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> s_dz(g.C), s_dz_xmu(g.C);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / g.OH, oh = task % g.OH;
-      const scalar_t* image = x + n * g.H * g.W * g.C;
-      std::fill(s_dz.begin(), s_dz.end(), acc_t(0));
-      std::fill(s_dz_xmu.begin(), s_dz_xmu.end(), acc_t(0));
+  for_each_output_row(g, [&](int64_t n, int64_t oh) {
+    const int64_t task = n * g.OH + oh;
+    const scalar_t* image = x + n * g.H * g.W * g.C;
+    const scalar_t* grow = grad + task * g.OW * g.C;
+    for (int64_t c = 0; c < g.C; c += V) {
+      const int64_t cnt = std::min(V, g.C - c);
+      const TapWeights<K, acc_t> tw(wt, g.C, c, cnt);
+      const Vec sc = Vec::loadu(scale + c, cnt), sh = Vec::loadu(shift + c, cnt), mu = Vec::loadu(mean + c, cnt);
+      Vec s_dz(acc_t(0)), s_dz_xmu(acc_t(0));
       for (int64_t ow = 0; ow < g.OW; ++ow) {
-        const PixelTaps<K> taps(g, oh, ow);
-        const scalar_t* gpix = grad + ((n * g.OH + oh) * g.OW + ow) * g.C;
-        for (int64_t c = 0; c < g.C; c += V) {
-          const int64_t cnt = std::min(V, g.C - c);
-          const Vec y = conv_pixel(taps, image, wt, g.C, c, cnt);
-          const Vec z = at::vec::fmadd(y, Vec::loadu(scale + c, cnt), Vec::loadu(shift + c, cnt));
-          const Vec dz = load_acc<acc_t>(gpix + c, cnt) * silu_grad(z);
-          (Vec::loadu(s_dz.data() + c, cnt) + dz).store(s_dz.data() + c, cnt);
-          at::vec::fmadd(dz, y - Vec::loadu(mean + c, cnt), Vec::loadu(s_dz_xmu.data() + c, cnt))
-              .store(s_dz_xmu.data() + c, cnt);
-        }
+        const Vec y = conv_pixel<K>(image, g, oh, ow, c, tw.w, cnt);
+        const Vec dz = load_acc<acc_t>(grow + ow * g.C + c, cnt) * silu_grad(at::vec::fmadd(y, sc, sh));
+        s_dz = s_dz + dz;
+        s_dz_xmu = at::vec::fmadd(dz, y - mu, s_dz_xmu);
       }
-      for (int64_t c = 0; c < g.C; ++c) {
-        row_dz[task * g.C + c] = s_dz[c];
-        row_dz_xmu[task * g.C + c] = s_dz_xmu[c];
-      }
+      store_lanes(row_dz + task * g.C + c, s_dz, cnt);
+      store_lanes(row_dz_xmu + task * g.C + c, s_dz_xmu, cnt);
     }
   });
 }
@@ -498,6 +523,64 @@ void backward_reduce_nhwc(const scalar_t* grad, const scalar_t* x, const acc_t* 
 // Input rows per channels_last backward task; the dy rows they need (plus a
 // halo of about K / S rows, recomputed by both neighbours) stay in L2.
 constexpr int64_t kBackwardRows = 8;
+
+inline int64_t floor_div(int64_t a, int64_t b) {
+  return a >= 0 ? a / b : -((-a + b - 1) / b);
+}
+
+// dy of the output rows [ob, ot] a block of input rows reaches, with a zero
+// margin: row oh - ob, column ow + P, rows outside the image all zero.
+template <typename acc_t>
+struct DyBlock {
+  int64_t ob, rows, cols, C;
+  std::vector<acc_t> buf;
+  acc_t* at(int64_t oh, int64_t ow) { return buf.data() + ((oh - ob) * cols + ow) * C; }
+};
+
+// Zeroes what the dy pass does not write: rows outside the image and the margin columns.
+template <typename acc_t>
+void zero_margins(DyBlock<acc_t>& dy, const Geometry& g) {
+  const int64_t row_len = dy.cols * dy.C, margin = g.P * dy.C;
+  for (int64_t r = 0; r < dy.rows; ++r) {
+    acc_t* row = dy.buf.data() + r * row_len;
+    const int64_t oh = dy.ob + r;
+    if (oh < 0 || oh >= g.OH) {
+      std::fill(row, row + row_len, acc_t(0));
+    } else {
+      std::fill(row, row + margin, acc_t(0));
+      std::fill(row + row_len - margin, row + row_len, acc_t(0));
+    }
+  }
+}
+
+// grad_x of input row ih = S * i + F at the columns iw = S * j + E: the taps with
+// kh = F + P and kw = E + P (mod S) read dy[i + (F + P - kh) / S][j + (E + P - kw) / S]
+// (the zero margins of `dy` stand for the outputs outside the image).
+template <int K, int S, int F, int E, typename scalar_t, typename acc_t>
+void grad_input_pixels(DyBlock<acc_t>& dy, const Vectorized<acc_t>* w, int64_t ih, scalar_t* dst,
+                       const Geometry& g, int64_t c, int64_t cnt) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int P = K / 2;
+  const int64_t i = ih / S;
+  const acc_t* rows[K];
+  for (int kh = 0; kh < K; ++kh)
+    rows[kh] = (F + P - kh) % S ? nullptr : dy.at(i + (F + P - kh) / S, P) + c;
+  for (int64_t iw = E; iw < g.W; iw += S) {
+    const int64_t j = iw / S;
+    Vec acc0(acc_t(0)), acc1(acc_t(0));
+#pragma GCC unroll 5
+    for (int kh = 0; kh < K; ++kh) {
+      if ((F + P - kh) % S) continue;
+#pragma GCC unroll 5
+      for (int kw = 0; kw < K; ++kw) {
+        if ((E + P - kw) % S) continue;
+        Vec& acc = ((kh * K + kw) & 1) ? acc1 : acc0;
+        acc = at::vec::fmadd(Vec::loadu(rows[kh] + (j + (E + P - kw) / S) * g.C, cnt), w[kh * K + kw], acc);
+      }
+    }
+    store_acc(dst + iw * g.C, acc0 + acc1, cnt);
+  }
+}
 
 // grad_x and per-task grad_weight (task_gw[task][K * K][C]). Task t covers
 // input rows [ih0, ih1) of image n; it owns output rows [ceil(ih0 / S), ceil(ih1 / S))
@@ -508,80 +591,71 @@ void backward_nhwc(const scalar_t* grad, const scalar_t* x, const acc_t* wt, con
                    scalar_t* grad_x, double* task_gw, const Geometry& g) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
+  constexpr int P = K / 2;
   const int64_t blocks = (g.H + kBackwardRows - 1) / kBackwardRows;
-  const int64_t S = g.S, P = g.P, C = g.C;
+  const int64_t S = g.S, C = g.C;
   at::parallel_for(0, g.N * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> dys;
-    std::vector<acc_t> gw(K * K * C);
+    DyBlock<acc_t> dy{0, 0, g.OW + 2 * P, C, {}};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks, ih0 = (task % blocks) * kBackwardRows;
       const int64_t ih1 = std::min(g.H, ih0 + kBackwardRows);
-      // Output rows whose taps reach [ih0, ih1): oh * S - P + kh in range for some kh.
-      const int64_t oh_lo = ih0 <= P ? 0 : (ih0 - P + S - 1) / S;
-      const int64_t oh_hi = std::min(g.OH, (ih1 - 1 + P) / S + 1);
-      const int64_t own_lo = (ih0 + S - 1) / S, own_hi = std::min(g.OH, (ih1 + S - 1) / S);
-      dys.resize(std::max<int64_t>(0, oh_hi - oh_lo) * g.OW * C);  // every entry is written below
-      std::fill(gw.begin(), gw.end(), acc_t(0));
+      dy.ob = floor_div(ih0 - P, S);
+      dy.rows = floor_div(ih1 - 1 + P, S) - dy.ob + 1;
+      dy.buf.resize(dy.rows * dy.cols * C);
+      zero_margins(dy, g);
+      const int64_t oh_lo = std::max<int64_t>(0, dy.ob), oh_hi = std::min(g.OH, dy.ob + dy.rows);
       const scalar_t* image = x + n * g.H * g.W * C;
-      for (int64_t oh = oh_lo; oh < oh_hi; ++oh) {
-        const bool owned = oh >= own_lo && oh < own_hi;
-        for (int64_t ow = 0; ow < g.OW; ++ow) {
-          const PixelTaps<K> taps(g, oh, ow);
-          const scalar_t* gpix = grad + ((n * g.OH + oh) * g.OW + ow) * C;
-          acc_t* dy_pix = dys.data() + ((oh - oh_lo) * g.OW + ow) * C;
-          for (int64_t c = 0; c < C; c += V) {
-            const int64_t cnt = std::min(V, C - c);
-            const Vec y = conv_pixel(taps, image, wt, C, c, cnt);
-            const Vec z = at::vec::fmadd(y, Vec::loadu(scale + c, cnt), Vec::loadu(shift + c, cnt));
-            const Vec dz = load_acc<acc_t>(gpix + c, cnt) * silu_grad(z);
-            const Vec dy = at::vec::fmadd(Vec::loadu(coef_a + c, cnt), dz,
-                                          at::vec::fmadd(Vec::loadu(coef_b + c, cnt), y, Vec::loadu(coef_c + c, cnt)));
-            dy.store(dy_pix + c, cnt);
-            if (!owned) continue;
-            for (int t = 0; t < taps.count; ++t) {
-              acc_t* gwp = gw.data() + taps.w_index[t] * C + c;
-              at::vec::fmadd(dy, load_acc<acc_t>(image + taps.x_offset[t] + c, cnt), Vec::loadu(gwp, cnt))
-                  .store(gwp, cnt);
-            }
+      // dy for the rows the block reaches.
+      for (int64_t c = 0; c < C; c += V) {
+        const int64_t cnt = std::min(V, C - c);
+        const TapWeights<K, acc_t> tw(wt, C, c, cnt);
+        const Vec sc = Vec::loadu(scale + c, cnt), sh = Vec::loadu(shift + c, cnt);
+        const Vec ca = Vec::loadu(coef_a + c, cnt), cb = Vec::loadu(coef_b + c, cnt), cc = Vec::loadu(coef_c + c, cnt);
+        for (int64_t oh = oh_lo; oh < oh_hi; ++oh) {
+          const scalar_t* grow = grad + (n * g.OH + oh) * g.OW * C;
+          for (int64_t ow = 0; ow < g.OW; ++ow) {
+            const Vec y = conv_pixel<K>(image, g, oh, ow, c, tw.w, cnt);
+            const Vec dz = load_acc<acc_t>(grow + ow * C + c, cnt) * silu_grad(at::vec::fmadd(y, sc, sh));
+            at::vec::fmadd(ca, dz, at::vec::fmadd(cb, y, cc)).store(dy.at(oh, ow + P) + c, cnt);
           }
         }
       }
-      for (int64_t i = 0; i < K * K * C; ++i) task_gw[task * K * K * C + i] = gw[i];
-      // grad_x[ih][iw] = sum over taps with ih = oh * S - P + kh, iw = ow * S - P + kw.
-      for (int64_t ih = ih0; ih < ih1; ++ih) {
-        int64_t dy_row[K];
-        int kh_of[K], rows = 0;
-        for (int kh = 0; kh < K; ++kh) {
-          const int64_t t = ih + P - kh;
-          if (t < 0 || t % S != 0 || t / S >= g.OH) continue;
-          dy_row[rows] = t / S - oh_lo;
-          kh_of[rows++] = kh;
-        }
-        for (int64_t iw = 0; iw < g.W; ++iw) {
-          int64_t offsets[K * K];
-          int widx[K * K], ntaps = 0;
-          for (int r = 0; r < rows; ++r)
-            for (int kw = 0; kw < K; ++kw) {
-              const int64_t t = iw + P - kw;
-              if (t < 0 || t % S != 0 || t / S >= g.OW) continue;
-              offsets[ntaps] = (dy_row[r] * g.OW + t / S) * C;
-              widx[ntaps++] = kh_of[r] * K + kw;
+      // grad_weight over the owned rows: sum of dy * x over the taps.
+      const int64_t own_lo = (ih0 + S - 1) / S, own_hi = std::min(g.OH, (ih1 + S - 1) / S);
+      double* gw_out = task_gw + task * K * K * C;
+      for (int64_t c = 0; c < C; c += V) {
+        const int64_t cnt = std::min(V, C - c);
+        Vec gw[K * K];
+        for (auto& v : gw) v = Vec(acc_t(0));
+        for (int64_t oh = own_lo; oh < own_hi; ++oh)
+          for (int64_t ow = 0; ow < g.OW; ++ow) {
+            const Vec d = Vec::loadu(dy.at(oh, ow + P) + c, cnt);
+            const Window win = window_of(g, oh, ow, c);
+            auto add = [&](int kh, int kw, const scalar_t* p) {
+              gw[kh * K + kw] = at::vec::fmadd(d, load_acc<acc_t>(p, cnt), gw[kh * K + kw]);
+            };
+            if (win.full(K)) {
+              for_each_tap<K, true>(image, win, g, add);
+            } else {
+              for_each_tap<K, false>(image, win, g, add);
             }
-          scalar_t* dst = grad_x + ((n * g.H + ih) * g.W + iw) * C;
-          for (int64_t c = 0; c < C; c += V) {
-            const int64_t cnt = std::min(V, C - c);
-            Vec acc0(acc_t(0)), acc1(acc_t(0));
-            int t = 0;
-            for (; t + 1 < ntaps; t += 2) {
-              acc0 = at::vec::fmadd(Vec::loadu(dys.data() + offsets[t] + c, cnt),
-                                    Vec::loadu(wt + widx[t] * C + c, cnt), acc0);
-              acc1 = at::vec::fmadd(Vec::loadu(dys.data() + offsets[t + 1] + c, cnt),
-                                    Vec::loadu(wt + widx[t + 1] * C + c, cnt), acc1);
-            }
-            if (t < ntaps)
-              acc0 = at::vec::fmadd(Vec::loadu(dys.data() + offsets[t] + c, cnt),
-                                    Vec::loadu(wt + widx[t] * C + c, cnt), acc0);
-            store_acc(dst + c, acc0 + acc1, cnt);
+          }
+        for (int i = 0; i < K * K; ++i) store_lanes(gw_out + i * C + c, gw[i], cnt);
+      }
+      // grad_x[ih][iw] = sum of w[kh][kw] * dy[oh][ow] over ih = oh * S - P + kh, iw = ow * S - P + kw.
+      for (int64_t c = 0; c < C; c += V) {
+        const int64_t cnt = std::min(V, C - c);
+        const TapWeights<K, acc_t> tw(wt, C, c, cnt);
+        for (int64_t ih = ih0; ih < ih1; ++ih) {
+          scalar_t* dst = grad_x + (n * g.H + ih) * g.W * C + c;
+          if (S == 1) {
+            grad_input_pixels<K, 1, 0, 0>(dy, tw.w, ih, dst, g, c, cnt);
+          } else if (ih % 2 == 0) {
+            grad_input_pixels<K, 2, 0, 0>(dy, tw.w, ih, dst, g, c, cnt);
+            grad_input_pixels<K, 2, 0, 1>(dy, tw.w, ih, dst, g, c, cnt);
+          } else {
+            grad_input_pixels<K, 2, 1, 0>(dy, tw.w, ih, dst, g, c, cnt);
+            grad_input_pixels<K, 2, 1, 1>(dy, tw.w, ih, dst, g, c, cnt);
           }
         }
       }
