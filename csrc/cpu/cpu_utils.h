@@ -142,9 +142,12 @@ inline Vectorized<T> reciprocal(const Vectorized<T>& d) {
   return Vectorized<T>(T(1)) / d;
 }
 
+// exp(-z) is clamped at exp(80) so that 1 + exp(-z) stays finite (the fast exp
+// and reciprocal give NaN on infinity); sigmoid(-80) is 2e-35 either way.
 template <typename T>
 inline Vectorized<T> sigmoid(const Vectorized<T>& z) {
-  return reciprocal(Vectorized<T>(T(1)) + exp_for_sigmoid(z.neg()));
+  const Vectorized<T> neg_z = at::vec::minimum(z.neg(), Vectorized<T>(T(80)));
+  return reciprocal(Vectorized<T>(T(1)) + exp_for_sigmoid(neg_z));
 }
 
 template <typename T>
