@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from common import B0_DWCONV_LAYERS, BATCH, copy_bandwidth, input_tensor, layer_id, layouts, median_seconds
+from common import B0_DWCONV_LAYERS, BATCH, copy_bandwidth, input_tensor, layer_id, layouts, best_seconds
 from effnet_fast.layers import DWConvBNSiLU, FusedDWConvBNSiLU
 from effnet_fast.ops import build_info
 
@@ -56,7 +56,7 @@ def measure(shape, channels_last, impl, batch, repeats):
     c, h, k, s = shape
     x = input_tensor(batch, c, h, h, channels_last)
     layer = make_layer(impl, c, k, s, channels_last)
-    return median_seconds(eval_fn(layer, x), repeats), median_seconds(train_fn(layer, x), repeats)
+    return best_seconds(eval_fn(layer, x), repeats), best_seconds(train_fn(layer, x), repeats)
 
 
 def floor_seconds(shape, batch, bandwidth):
@@ -71,13 +71,16 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="add torch.compile of the eager layers (slow to compile)")
     p.add_argument("--layout", choices=("NCHW", "NHWC", "both"), default="both")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not build_info()["cpu"]:
         sys.exit("the CPU kernels are not built: pip install -e .")
     impls = IMPLS + (("compile",) if args.compile else ())
     bandwidth = copy_bandwidth()
     print(f"depthwise conv+BN+SiLU, B0 shapes, batch {args.batch}, float32, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, copy bandwidth {bandwidth / 1e9:.1f} GB/s, median of {args.repeats}")
+          f"torch {torch.__version__}, copy bandwidth {bandwidth / 1e9:.1f} GB/s, best of {args.repeats}")
     for name, cl in layouts():
         if args.layout not in (name, "both"):
             continue

@@ -1,5 +1,4 @@
 """Shared pieces of the op benchmarks: B0's layer shapes, timing, copy bandwidth."""
-import statistics
 import time
 
 import torch
@@ -22,7 +21,9 @@ def layer_id(shape):
     return "x".join(str(v) for v in shape)
 
 
-def median_seconds(fn, repeats=5, warmup=1):
+def best_seconds(fn, repeats=5, warmup=1):
+    """Fastest of `repeats` timed calls: on a shared machine the slower ones measure
+    time slices lost to other processes, not the code."""
     for _ in range(warmup):
         fn()
     times = []
@@ -30,14 +31,14 @@ def median_seconds(fn, repeats=5, warmup=1):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def copy_bandwidth(nbytes=512 << 20, repeats=5):
     """Bytes per second of a large tensor copy (read + write counted)."""
     src = torch.randn(nbytes // 4)
     dst = torch.empty_like(src)
-    seconds = median_seconds(lambda: dst.copy_(src), repeats, warmup=2)
+    seconds = best_seconds(lambda: dst.copy_(src), repeats, warmup=2)
     return 2 * nbytes / seconds
 
 

@@ -403,24 +403,30 @@ inline void for_each_tap(const scalar_t* image, const Window& win, const Geometr
   }
 }
 
-template <int K, bool Full, typename scalar_t, typename acc_t>
+template <int K, bool Full, bool Partial, typename scalar_t, typename acc_t>
 inline Vectorized<acc_t> conv_window(const scalar_t* image, const Window& win, const Geometry& g,
                                      const Vectorized<acc_t>* w, int64_t cnt) {
   using Vec = Vectorized<acc_t>;
   Vec acc0(acc_t(0)), acc1(acc_t(0));
   for_each_tap<K, Full>(image, win, g, [&](int kh, int kw, const scalar_t* p) {
     Vec& acc = ((kh * K + kw) & 1) ? acc1 : acc0;
-    acc = at::vec::fmadd(load_acc<acc_t>(p, cnt), w[kh * K + kw], acc);
+    acc = at::vec::fmadd(Partial ? load_acc<acc_t>(p, cnt) : load_acc<acc_t>(p), w[kh * K + kw], acc);
   });
   return acc0 + acc1;
 }
 
-// y at pixel (oh, ow), channels [c, c + cnt).
+// y at pixel (oh, ow), channels [c, c + cnt). The common cases (whole window,
+// whole vector) get code without bounds checks or masks.
 template <int K, typename scalar_t, typename acc_t>
 inline Vectorized<acc_t> conv_pixel(const scalar_t* image, const Geometry& g, int64_t oh, int64_t ow, int64_t c,
                                     const Vectorized<acc_t>* w, int64_t cnt) {
   const Window win = window_of(g, oh, ow, c);
-  return win.full(K) ? conv_window<K, true>(image, win, g, w, cnt) : conv_window<K, false>(image, win, g, w, cnt);
+  if (cnt == Vectorized<acc_t>::size()) {
+    return win.full(K) ? conv_window<K, true, false>(image, win, g, w, cnt)
+                       : conv_window<K, false, false>(image, win, g, w, cnt);
+  }
+  return win.full(K) ? conv_window<K, true, true>(image, win, g, w, cnt)
+                     : conv_window<K, false, true>(image, win, g, w, cnt);
 }
 
 // Runs fn(n, oh) in parallel over the output rows of every image.
@@ -433,10 +439,11 @@ void for_each_output_row(const Geometry& g, Fn&& fn) {
 
 template <int K, typename scalar_t, typename acc_t>
 void forward_nhwc(const scalar_t* x, const acc_t* wt, const acc_t* scale, const acc_t* shift, scalar_t* out,
-                  const Geometry& g) {
+                  const Geometry& geo) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  for_each_output_row(g, [&](int64_t n, int64_t oh) {
+  for_each_output_row(geo, [&](int64_t n, int64_t oh) {
+    const Geometry g = geo;  // a local copy: vector stores may alias anything
     const scalar_t* image = x + n * g.H * g.W * g.C;
     scalar_t* dst = out + (n * g.OH + oh) * g.OW * g.C;
     for (int64_t c = 0; c < g.C; c += V) {
@@ -453,10 +460,11 @@ void forward_nhwc(const scalar_t* x, const acc_t* wt, const acc_t* scale, const 
 
 // Per-row (n, oh) mean and M2 of y per channel: row_mean / row_m2 are [N * OH][C].
 template <int K, typename scalar_t, typename acc_t>
-void stats_nhwc(const scalar_t* x, const acc_t* wt, double* row_mean, double* row_m2, const Geometry& g) {
+void stats_nhwc(const scalar_t* x, const acc_t* wt, double* row_mean, double* row_m2, const Geometry& geo) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, geo.N * geo.OH, 1, [&](int64_t begin, int64_t end) {
+    const Geometry g = geo;  // a local copy: vector stores may alias anything
     std::vector<Vec> ys(g.OW);
     const Vec inv_count(acc_t(1) / acc_t(g.OW));
     for (int64_t task = begin; task < end; ++task) {
@@ -496,10 +504,11 @@ void store_lanes(double* dst, const Vectorized<acc_t>& v, int64_t cnt) {
 template <int K, typename scalar_t, typename acc_t>
 void backward_reduce_nhwc(const scalar_t* grad, const scalar_t* x, const acc_t* wt, const acc_t* scale,
                           const acc_t* shift, const acc_t* mean, double* row_dz, double* row_dz_xmu,
-                          const Geometry& g) {
+                          const Geometry& geo) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  for_each_output_row(g, [&](int64_t n, int64_t oh) {
+  for_each_output_row(geo, [&](int64_t n, int64_t oh) {
+    const Geometry g = geo;  // a local copy: vector stores may alias anything
     const int64_t task = n * g.OH + oh;
     const scalar_t* image = x + n * g.H * g.W * g.C;
     const scalar_t* grow = grad + task * g.OW * g.C;
@@ -588,13 +597,14 @@ void grad_input_pixels(DyBlock<acc_t>& dy, const Vectorized<acc_t>* w, int64_t i
 template <int K, typename scalar_t, typename acc_t>
 void backward_nhwc(const scalar_t* grad, const scalar_t* x, const acc_t* wt, const acc_t* scale,
                    const acc_t* shift, const acc_t* coef_a, const acc_t* coef_b, const acc_t* coef_c,
-                   scalar_t* grad_x, double* task_gw, const Geometry& g) {
+                   scalar_t* grad_x, double* task_gw, const Geometry& geo) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   constexpr int P = K / 2;
-  const int64_t blocks = (g.H + kBackwardRows - 1) / kBackwardRows;
-  const int64_t S = g.S, C = g.C;
-  at::parallel_for(0, g.N * blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t blocks = (geo.H + kBackwardRows - 1) / kBackwardRows;
+  at::parallel_for(0, geo.N * blocks, 1, [&](int64_t begin, int64_t end) {
+    const Geometry g = geo;  // a local copy: vector stores may alias anything
+    const int64_t S = g.S, C = g.C;
     DyBlock<acc_t> dy{0, 0, g.OW + 2 * P, C, {}};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks, ih0 = (task % blocks) * kBackwardRows;
