@@ -43,6 +43,9 @@ using at::vec::Vectorized;
     __VA_ARGS__();                                                                    \
   })
 
+// For the per-pixel helpers of the inner loops: a call there costs more than the work.
+#define EFFNET_ALWAYS_INLINE inline __attribute__((always_inline))
+
 enum class Layout { NCHW, NHWC };
 
 inline at::MemoryFormat memory_format(Layout layout) {

@@ -381,52 +381,64 @@ struct Window {
   bool full(int K) const { return kh_lo == 0 && kh_hi == K && kw_lo == 0 && kw_hi == K; }
 };
 
-inline Window window_of(const Geometry& g, int64_t oh, int64_t ow, int64_t c) {
+EFFNET_ALWAYS_INLINE Window window_of(const Geometry& g, int64_t oh, int64_t ow, int64_t c) {
   const int64_t ih0 = oh * g.S - g.P, iw0 = ow * g.S - g.P;
   return {int(std::max<int64_t>(0, -ih0)), int(std::min<int64_t>(g.K, g.H - ih0)),
           int(std::max<int64_t>(0, -iw0)), int(std::min<int64_t>(g.K, g.W - iw0)),
           (ih0 * g.W + iw0) * g.C + c};
 }
 
-// Calls fn(kh, kw, x pointer) for every tap of the window inside the image.
-template <int K, bool Full, typename scalar_t, typename Fn>
-inline void for_each_tap(const scalar_t* image, const Window& win, const Geometry& g, Fn&& fn) {
+// Calls fn(kh, kw, x pointer) for every tap of the window inside the image;
+// FullRows / FullCols say that the window is known to be whole along H / W.
+template <int K, bool FullRows, bool FullCols, typename scalar_t, typename Fn>
+EFFNET_ALWAYS_INLINE void for_each_tap(const scalar_t* image, const Window& win, const Geometry& g, Fn&& fn) {
   const int64_t row_stride = g.W * g.C;
 #pragma GCC unroll 5
   for (int kh = 0; kh < K; ++kh) {
-    if (!Full && (kh < win.kh_lo || kh >= win.kh_hi)) continue;
+    if (!FullRows && (kh < win.kh_lo || kh >= win.kh_hi)) continue;
 #pragma GCC unroll 5
     for (int kw = 0; kw < K; ++kw) {
-      if (!Full && (kw < win.kw_lo || kw >= win.kw_hi)) continue;
+      if (!FullCols && (kw < win.kw_lo || kw >= win.kw_hi)) continue;
       fn(kh, kw, image + (win.offset + kh * row_stride + kw * g.C));
     }
   }
 }
 
-template <int K, bool Full, bool Partial, typename scalar_t, typename acc_t>
-inline Vectorized<acc_t> conv_window(const scalar_t* image, const Window& win, const Geometry& g,
+// Calls for_each_tap with the window's fullness as template arguments.
+template <int K, typename scalar_t, typename Fn>
+EFFNET_ALWAYS_INLINE void for_each_window_tap(const scalar_t* image, const Window& win, const Geometry& g, Fn&& fn) {
+  const bool full_rows = win.kh_lo == 0 && win.kh_hi == K, full_cols = win.kw_lo == 0 && win.kw_hi == K;
+  if (full_rows && full_cols) {
+    for_each_tap<K, true, true>(image, win, g, fn);
+  } else if (full_cols) {
+    for_each_tap<K, false, true>(image, win, g, fn);
+  } else if (full_rows) {
+    for_each_tap<K, true, false>(image, win, g, fn);
+  } else {
+    for_each_tap<K, false, false>(image, win, g, fn);
+  }
+}
+
+template <int K, bool Partial, typename scalar_t, typename acc_t>
+EFFNET_ALWAYS_INLINE Vectorized<acc_t> conv_window(const scalar_t* image, const Window& win, const Geometry& g,
                                      const Vectorized<acc_t>* w, int64_t cnt) {
   using Vec = Vectorized<acc_t>;
   Vec acc0(acc_t(0)), acc1(acc_t(0));
-  for_each_tap<K, Full>(image, win, g, [&](int kh, int kw, const scalar_t* p) {
+  for_each_window_tap<K>(image, win, g, [&](int kh, int kw, const scalar_t* p) {
     Vec& acc = ((kh * K + kw) & 1) ? acc1 : acc0;
     acc = at::vec::fmadd(Partial ? load_acc<acc_t>(p, cnt) : load_acc<acc_t>(p), w[kh * K + kw], acc);
   });
   return acc0 + acc1;
 }
 
-// y at pixel (oh, ow), channels [c, c + cnt). The common cases (whole window,
-// whole vector) get code without bounds checks or masks.
+// y at pixel (oh, ow), channels [c, c + cnt). Whole vectors (the common case)
+// load without masks.
 template <int K, typename scalar_t, typename acc_t>
-inline Vectorized<acc_t> conv_pixel(const scalar_t* image, const Geometry& g, int64_t oh, int64_t ow, int64_t c,
+EFFNET_ALWAYS_INLINE Vectorized<acc_t> conv_pixel(const scalar_t* image, const Geometry& g, int64_t oh, int64_t ow, int64_t c,
                                     const Vectorized<acc_t>* w, int64_t cnt) {
   const Window win = window_of(g, oh, ow, c);
-  if (cnt == Vectorized<acc_t>::size()) {
-    return win.full(K) ? conv_window<K, true, false>(image, win, g, w, cnt)
-                       : conv_window<K, false, false>(image, win, g, w, cnt);
-  }
-  return win.full(K) ? conv_window<K, true, true>(image, win, g, w, cnt)
-                     : conv_window<K, false, true>(image, win, g, w, cnt);
+  return cnt == Vectorized<acc_t>::size() ? conv_window<K, false>(image, win, g, w, cnt)
+                                          : conv_window<K, true>(image, win, g, w, cnt);
 }
 
 // Runs fn(n, oh) in parallel over the output rows of every image.
@@ -644,11 +656,7 @@ void backward_nhwc(const scalar_t* grad, const scalar_t* x, const acc_t* wt, con
             auto add = [&](int kh, int kw, const scalar_t* p) {
               gw[kh * K + kw] = at::vec::fmadd(d, load_acc<acc_t>(p, cnt), gw[kh * K + kw]);
             };
-            if (win.full(K)) {
-              for_each_tap<K, true>(image, win, g, add);
-            } else {
-              for_each_tap<K, false>(image, win, g, add);
-            }
+            for_each_window_tap<K>(image, win, g, add);
           }
         for (int i = 0; i < K * K; ++i) store_lanes(gw_out + i * C + c, gw[i], cnt);
       }
