@@ -55,12 +55,22 @@ void pixel_sums(const scalar_t* a, const scalar_t* b, int64_t pixels, int64_t C,
     const int64_t p1 = std::min(pixels, p0 + kPixelBlock);
     Vec acc[kVecs];
     for (auto& v : acc) v = Vec(acc_t(0));
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t base = p * C + c0;
-      for (int64_t j = 0; j < kVecs && j * V < nc; ++j) {
-        const int64_t n = std::min(V, nc - j * V);
-        Vec av = load_acc<acc_t>(a + base + j * V, n);
-        acc[j] = b ? at::vec::fmadd(av, load_acc<acc_t>(b + base + j * V, n), acc[j]) : acc[j] + av;
+    if (nc == kChannelBlock) {  // whole block: fixed trip count, no masks
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t base = p * C + c0;
+        for (int64_t j = 0; j < kVecs; ++j) {
+          const Vec av = load_acc<acc_t>(a + base + j * V);
+          acc[j] = b ? at::vec::fmadd(av, load_acc<acc_t>(b + base + j * V), acc[j]) : acc[j] + av;
+        }
+      }
+    } else {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t base = p * C + c0;
+        for (int64_t j = 0; j < kVecs && j * V < nc; ++j) {
+          const int64_t n = std::min(V, nc - j * V);
+          const Vec av = load_acc<acc_t>(a + base + j * V, n);
+          acc[j] = b ? at::vec::fmadd(av, load_acc<acc_t>(b + base + j * V, n), acc[j]) : acc[j] + av;
+        }
       }
     }
     for (int64_t j = 0; j < kVecs && j * V < nc; ++j) {
