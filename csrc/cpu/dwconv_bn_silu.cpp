@@ -362,8 +362,8 @@ void backward_nchw(const scalar_t* grad, const scalar_t* x, const acc_t* w, cons
 // Channels_last
 //
 // Every loop runs over blocks of V channels outermost, so the block's K * K
-// weight vectors (or K * K grad_weight accumulators) stay in registers while
-// the pixels of a row stream past; a tap is then one load and one FMA.
+// weight vectors (or K * K grad_weight accumulators) stay in registers or L1
+// while the pixels of a row stream past.
 
 template <int K, typename acc_t>
 struct TapWeights {
@@ -378,7 +378,6 @@ struct TapWeights {
 struct Window {
   int kh_lo, kh_hi, kw_lo, kw_hi;
   int64_t offset;
-  bool full(int K) const { return kh_lo == 0 && kh_hi == K && kw_lo == 0 && kw_hi == K; }
 };
 
 EFFNET_ALWAYS_INLINE Window window_of(const Geometry& g, int64_t oh, int64_t ow, int64_t c) {
