@@ -30,6 +30,9 @@ def _try_import(module):
 
 
 _C = _try_import("effnet_fast._C")
+if _C is not None:
+    from .kernel_fakes import register_kernel_fakes
+    register_kernel_fakes("effnet_fast")
 
 
 def _has_kernel(dispatch_key, namespace="effnet_fast"):

@@ -1,0 +1,51 @@
+"""Shared pieces of the op benchmarks: B0's layer shapes, timing, copy bandwidth."""
+import time
+
+import torch
+
+BATCH = 16
+# The distinct depthwise layers of EfficientNet-B0 at 224x224:
+# (channels, input size, kernel, stride).
+B0_DWCONV_LAYERS = [
+    (32, 112, 3, 1), (96, 112, 3, 2), (144, 56, 3, 1), (144, 56, 5, 2), (240, 28, 5, 1), (240, 28, 3, 2),
+    (480, 14, 3, 1), (480, 14, 5, 1), (672, 14, 5, 1), (672, 14, 5, 2), (1152, 7, 5, 1), (1152, 7, 3, 1),
+]
+# The distinct squeeze-excitation shapes of B0: (channels, reduced channels, size).
+B0_SE_LAYERS = [
+    (32, 8, 112), (96, 4, 56), (144, 6, 56), (144, 6, 28), (240, 10, 28), (240, 10, 14), (480, 20, 14),
+    (672, 28, 14), (672, 28, 7), (1152, 48, 7),
+]
+
+
+def layer_id(shape):
+    return "x".join(str(v) for v in shape)
+
+
+def best_seconds(fn, repeats=5, warmup=1):
+    """Fastest of `repeats` timed calls: on a shared machine the slower ones measure
+    time slices lost to other processes, not the code."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def copy_bandwidth(nbytes=512 << 20, repeats=5):
+    """Bytes per second of a large tensor copy (read + write counted)."""
+    src = torch.randn(nbytes // 4)
+    dst = torch.empty_like(src)
+    seconds = best_seconds(lambda: dst.copy_(src), repeats, warmup=2)
+    return 2 * nbytes / seconds
+
+
+def input_tensor(n, c, h, w, channels_last, seed=0):
+    x = torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(seed))
+    return x.to(memory_format=torch.channels_last) if channels_last else x
+
+
+def layouts():
+    return [("NCHW", False), ("NHWC", True)]

@@ -1,0 +1,65 @@
+"""Fake (meta) implementations of the kernel-level ops of csrc/ops.cpp.
+
+The backward of the differentiable ops calls the kernel ops directly, so tracing
+it (torch.compile, AOT autograd, opcheck) needs their output shapes without
+running a kernel. Registered once per op namespace: effnet_fast, or the
+namespace of a test build of the same schemas.
+"""
+import torch
+
+from .common import acc_dtype, memory_format_of
+
+_registered = set()
+
+
+def _out_size(size, k, stride):
+    return (size + 2 * (k // 2) - k) // stride + 1
+
+
+def _per_channel(x):
+    return x.new_empty((x.shape[1],), dtype=acc_dtype(x.dtype))
+
+
+def _like(x, shape=None):
+    out = x.new_empty(x.shape if shape is None else shape)
+    return out.contiguous(memory_format=memory_format_of(x))
+
+
+def register_kernel_fakes(namespace="effnet_fast"):
+    """Register the fake implementations for `namespace` (idempotent)."""
+    if namespace in _registered:
+        return
+    _registered.add(namespace)
+
+    def fake(name):
+        return torch.library.register_fake(f"{namespace}::{name}")
+
+    @fake("dwconv_bn_silu_stats")
+    def _(x, weight, stride):
+        return _per_channel(x), _per_channel(x)
+
+    @fake("dwconv_bn_silu_forward")
+    def _(x, weight, scale, shift, stride):
+        n, c, h, w = x.shape
+        k = weight.shape[-1]
+        return _like(x, (n, c, _out_size(h, k, stride), _out_size(w, k, stride)))
+
+    @fake("dwconv_bn_silu_backward_reduce")
+    def _(grad_out, x, weight, scale, shift, mean, stride):
+        return _per_channel(x), _per_channel(x)
+
+    @fake("dwconv_bn_silu_backward")
+    def _(grad_out, x, weight, scale, shift, coef_a, coef_b, coef_c, stride):
+        return _like(x), torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+    @fake("se_pool")
+    def _(x):
+        return x.new_empty(x.shape[:2], dtype=acc_dtype(x.dtype))
+
+    @fake("se_scale")
+    def _(x, gate, bias=None):
+        return _like(x)
+
+    @fake("se_gate_grad")
+    def _(grad_out, x):
+        return x.new_empty(x.shape[:2], dtype=acc_dtype(x.dtype))
