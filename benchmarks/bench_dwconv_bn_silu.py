@@ -13,7 +13,8 @@ import sys
 import pytest
 import torch
 
-from common import B0_DWCONV_LAYERS, BATCH, copy_bandwidth, input_tensor, layer_id, layouts, best_seconds
+from common import B0_DWCONV_LAYERS, BATCH, copy_bandwidth, input_tensor, layer_id, layouts
+from effnet_fast.benchmark import best_seconds
 from effnet_fast.layers import DWConvBNSiLU, FusedDWConvBNSiLU
 from effnet_fast.ops import build_info
 

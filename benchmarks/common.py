@@ -1,7 +1,7 @@
 """Shared pieces of the op benchmarks: B0's layer shapes, timing, copy bandwidth."""
-import time
-
 import torch
+
+from effnet_fast.benchmark import best_seconds
 
 BATCH = 16
 # The distinct depthwise layers of EfficientNet-B0 at 224x224:
@@ -19,19 +19,6 @@ B0_SE_LAYERS = [
 
 def layer_id(shape):
     return "x".join(str(v) for v in shape)
-
-
-def best_seconds(fn, repeats=5, warmup=1):
-    """Fastest of `repeats` timed calls: on a shared machine the slower ones measure
-    time slices lost to other processes, not the code."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def copy_bandwidth(nbytes=512 << 20, repeats=5):

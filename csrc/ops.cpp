@@ -1,12 +1,8 @@
-// Operator schemas, declared once for every backend.
-//
-// These are the kernel-level ops; the differentiable ops that models call
-// (effnet_fast::dwconv_bn_silu, effnet_fast::squeeze_excite) are defined in
-// effnet_fast/ops/ on top of them. x is (N, C, H, W), contiguous or
-// channels_last; outputs keep x's memory format. Per-channel vectors are in
-// the accumulation dtype: float64 for float64 inputs, float32 otherwise.
+// effnet_fast._C: the op schemas (csrc/op_schemas.h) under the namespace
+// effnet_fast; csrc/cpu and csrc/cuda register their kernels for them.
 #include <Python.h>
-#include <torch/library.h>
+
+#include "op_schemas.h"
 
 // Importing effnet_fast._C loads this library and runs the registrations.
 extern "C" PyObject* PyInit__C(void) {
@@ -14,26 +10,4 @@ extern "C" PyObject* PyInit__C(void) {
   return PyModule_Create(&module);
 }
 
-TORCH_LIBRARY(effnet_fast, m) {
-  // Depthwise conv (k x k, stride, symmetric padding k // 2) + BatchNorm + SiLU.
-  // Per-channel mean and biased variance of y = dwconv(x, weight).
-  m.def("dwconv_bn_silu_stats(Tensor x, Tensor weight, int stride) -> (Tensor, Tensor)");
-  // out = silu(y * scale[c] + shift[c]).
-  m.def("dwconv_bn_silu_forward(Tensor x, Tensor weight, Tensor scale, Tensor shift, int stride) -> Tensor");
-  // With z = y * scale + shift and dz = grad_out * silu'(z):
-  // (sum dz, sum dz * (y - mean)) per channel.
-  m.def("dwconv_bn_silu_backward_reduce(Tensor grad_out, Tensor x, Tensor weight, Tensor scale, "
-        "Tensor shift, Tensor mean, int stride) -> (Tensor, Tensor)");
-  // With dy = coef_a[c] * dz + coef_b[c] * y + coef_c[c]:
-  // (grad_x, grad_weight) of y = dwconv(x, weight).
-  m.def("dwconv_bn_silu_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor scale, Tensor shift, "
-        "Tensor coef_a, Tensor coef_b, Tensor coef_c, int stride) -> (Tensor, Tensor)");
-
-  // Squeeze-excitation.
-  // (N, C) mean of x over H and W.
-  m.def("se_pool(Tensor x) -> Tensor");
-  // out = x * gate[n, c] (+ bias[n, c]).
-  m.def("se_scale(Tensor x, Tensor gate, Tensor? bias=None) -> Tensor");
-  // (N, C) sum over H and W of grad_out * x.
-  m.def("se_gate_grad(Tensor grad_out, Tensor x) -> Tensor");
-}
+TORCH_LIBRARY(effnet_fast, m) { effnet_fast::define_ops(m); }

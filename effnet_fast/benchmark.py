@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 
-def median_seconds(fn, repeats=3, warmup=1):
-    """Median wall time of fn() over `repeats` runs after `warmup` runs (fn must
+def wall_times(fn, repeats=3, warmup=1):
+    """Sorted wall times of `repeats` calls of fn() after `warmup` calls (fn must
     synchronize its device itself)."""
     for _ in range(warmup):
         fn()
@@ -15,7 +15,18 @@ def median_seconds(fn, repeats=3, warmup=1):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return sorted(times)
+
+
+def median_seconds(fn, repeats=3, warmup=1):
+    times = wall_times(fn, repeats, warmup)
+    return times[len(times) // 2]
+
+
+def best_seconds(fn, repeats=5, warmup=1):
+    """Fastest call: on a shared machine the slower ones measure time slices lost to
+    other processes, not the code."""
+    return wall_times(fn, repeats, warmup)[0]
 
 
 def synchronizer(device):

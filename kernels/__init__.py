@@ -1,6 +1,6 @@
 """Triton kernels for effnet_fast, shipped as effnet_fast.kernels.
 
-Exports the kernel-level ops of csrc/ops.cpp with the same signatures, as torch custom
+Exports the kernel-level ops of csrc/op_schemas.h with the same signatures, as torch custom
 ops (namespace effnet_fast_triton) so that graphs calling them can be traced. They run on
 CUDA tensors, or on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set
 before this module is imported)."""

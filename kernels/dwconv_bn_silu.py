@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from effnet_fast.ops.common import is_channels_last
+from effnet_fast.ops.common import conv_out_size, is_channels_last
 
 from ._common import (INTERPRET, autotuned, check_supported, empty_like_layout, group_tile_range, num_groups,
                       shape_generic_jit, sum_rows)
@@ -281,17 +281,13 @@ _grad_input_nchw, _grad_input_nhwc = _per_layout(_grad_input_kernel)
 
 # ----------------------------------------------------------------------------- launchers
 
-def _out_size(size, k, stride):
-    return (size + 2 * (k // 2) - k) // stride + 1
-
-
 def _geometry(x, weight, stride):
     if stride not in (1, 2) or weight.shape[-1] not in (3, 5):
         raise ValueError(f"effnet_fast triton kernels: stride must be 1 or 2 and the kernel 3x3 or 5x5, "
                          f"got stride {stride} and weight {tuple(weight.shape)}")
     n, c, h, w = x.shape
     k = weight.shape[-1]
-    return n, c, h, w, k, _out_size(h, k, stride), _out_size(w, k, stride)
+    return n, c, h, w, k, conv_out_size(h, k, stride), conv_out_size(w, k, stride)
 
 
 def _vec(v):

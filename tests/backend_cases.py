@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from effnet_fast.ops.backends import _why_unusable
+from effnet_fast.ops.common import acc_dtype
 
 # (dtype, atol, rtol) against the reference computed in float32/64 on the same
 # (rounded) inputs.
@@ -52,3 +53,16 @@ def assert_close(actual, expected, dtype, name, scale=1.0):
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(actual.to(expected.dtype), expected, atol=atol * scale, rtol=rtol * scale,
                                msg=lambda m: f"{name}: {m}")
+
+
+def forward_backward_pair(ref_fn, fused_fn, x, dtype):
+    """Run the reference on x in the accumulation dtype and the fused path on x, both
+    backward with the same random output gradient; returns (x_ref, x_fused, out_ref, out)
+    with the input gradients in x_ref.grad and x_fused.grad."""
+    x_ref = x.detach().to(acc_dtype(dtype)).requires_grad_()
+    x_fused = x.detach().clone().requires_grad_()
+    out_ref, out = ref_fn(x_ref), fused_fn(x_fused)
+    grad = torch.randn_like(out_ref)
+    out_ref.backward(grad)
+    out.backward(grad.to(dtype))
+    return x_ref, x_fused, out_ref, out

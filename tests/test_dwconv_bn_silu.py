@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from backend_cases import GRADCHECK_BACKENDS, assert_close, backend_params
+from backend_cases import GRADCHECK_BACKENDS, assert_close, backend_params, forward_backward_pair
 from effnet_fast.layers import DWConvBNSiLU, FusedDWConvBNSiLU
 from effnet_fast.ops import dwconv_bn_silu, dwconv_bn_silu_fn, kernels
 from effnet_fast.ops.common import acc_dtype
@@ -54,16 +54,11 @@ def random_input(n, c, h, w, dtype, device, channels_last):
 def compare_step(ref, fused, x, dtype, train):
     ref.train(train)
     fused.train(train)
-    x_ref = x.detach().to(acc_dtype(dtype)).requires_grad_()
-    x_fused = x.detach().clone().requires_grad_()
-    out_ref, out = ref(x_ref), fused(x_fused)
+    x_ref, x_fused, out_ref, out = forward_backward_pair(ref, fused, x, dtype)
     assert out.dtype == dtype and out.shape == out_ref.shape
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         assert out.is_contiguous(memory_format=torch.channels_last), "output lost channels_last"
     assert_close(out, out_ref, dtype, "output")
-    grad = torch.randn_like(out_ref)
-    out_ref.backward(grad)
-    out.backward(grad.to(dtype))
     # Gradients sum over many pixels: scale the tolerance with the reduction size.
     assert_close(x_fused.grad, x_ref.grad, dtype, "grad input")
     reduce_scale = 1.0 if dtype in (torch.float32, torch.float64) else 4.0

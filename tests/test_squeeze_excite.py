@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from backend_cases import GRADCHECK_BACKENDS, assert_close, backend_params
+from backend_cases import GRADCHECK_BACKENDS, assert_close, backend_params, forward_backward_pair
 from effnet_fast.layers import FusedSqueezeExcitation, SqueezeExcitation
 from effnet_fast.ops import kernels, squeeze_excite, squeeze_excite_project
 from effnet_fast.ops.common import acc_dtype
@@ -30,16 +30,11 @@ def test_matches_reference(backend, device, dtype, channels_last):
         x = (torch.randn(n, c, h, w, device=device) + 0.3).to(dtype)
         if channels_last:
             x = x.to(memory_format=torch.channels_last)
-        x_ref = x.detach().to(acc_dtype(dtype)).requires_grad_()
-        x_fused = x.detach().clone().requires_grad_()
-        out_ref, out = ref(x_ref), fused(x_fused)
+        x_ref, x_fused, out_ref, out = forward_backward_pair(ref, fused, x, dtype)
         assert out.dtype == dtype
         if channels_last and h * w > 1:
             assert out.is_contiguous(memory_format=torch.channels_last)
         assert_close(out, out_ref, dtype, "output")
-        grad = torch.randn_like(out_ref)
-        out_ref.backward(grad)
-        out.backward(grad.to(dtype))
         assert_close(x_fused.grad, x_ref.grad, dtype, "grad input")
         scale = 1.0 if dtype in (torch.float32, torch.float64) else 4.0
         for name in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
@@ -97,13 +92,9 @@ def test_project_matches_reference(backend, device, dtype):
         conv.load_state_dict(conv_ref.state_dict())
         conv_ref.load_state_dict({k: v.to(acc_dtype(dtype)) for k, v in conv.state_dict().items()})
         x = (torch.randn(n, c, h, w, device=device) + 0.3).to(dtype).to(memory_format=torch.channels_last)
-        x_ref = x.detach().to(acc_dtype(dtype)).requires_grad_()
-        x_fused = x.detach().clone().requires_grad_()
-        out_ref, out = conv_ref(ref(x_ref)), fused.forward_project(x_fused, conv)
+        x_ref, x_fused, out_ref, out = forward_backward_pair(lambda t: conv_ref(ref(t)),
+                                                             lambda t: fused.forward_project(t, conv), x, dtype)
         assert_close(out, out_ref, dtype, "output")
-        grad = torch.randn_like(out_ref)
-        out_ref.backward(grad)
-        out.backward(grad.to(dtype))
         assert_close(x_fused.grad, x_ref.grad, dtype, "grad input")
         scale = 1.0 if dtype in (torch.float32, torch.float64) else 4.0
         assert_close(conv.weight.grad, conv_ref.weight.grad, dtype, "grad projection weight", scale)

@@ -1,4 +1,4 @@
-// CUDA kernels of the dwconv_bn_silu_* ops (schemas in csrc/ops.cpp).
+// CUDA kernels of the dwconv_bn_silu_* ops (schemas in csrc/op_schemas.h).
 #include <torch/library.h>
 
 #include "dwconv_bn_silu_ops.h"

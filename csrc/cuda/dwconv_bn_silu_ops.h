@@ -1,4 +1,4 @@
-// The dwconv_bn_silu_* ops (csrc/ops.cpp) on top of the kernels of
+// The dwconv_bn_silu_* ops (csrc/op_schemas.h) on top of the kernels of
 // dwconv_bn_silu_kernels.cuh: input checks, grids and launches. Included by
 // dwconv_bn_silu.cu (CUDA) and by csrc/emu (host emulation).
 #pragma once

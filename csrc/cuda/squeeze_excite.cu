@@ -1,4 +1,4 @@
-// CUDA kernels of the se_* ops (schemas in csrc/ops.cpp).
+// CUDA kernels of the se_* ops (schemas in csrc/op_schemas.h).
 #include <torch/library.h>
 
 #include "squeeze_excite_ops.h"

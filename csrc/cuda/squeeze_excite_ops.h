@@ -1,4 +1,4 @@
-// The se_* ops (csrc/ops.cpp) on top of squeeze_excite_kernels.cuh. Included by
+// The se_* ops (csrc/op_schemas.h) on top of squeeze_excite_kernels.cuh. Included by
 // squeeze_excite.cu (CUDA) and by csrc/emu (host emulation).
 #pragma once
 

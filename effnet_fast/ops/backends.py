@@ -1,6 +1,6 @@
 """Which fused backends are built and usable, and the kernel table of each.
 
-A backend's kernel table offers the kernel-level ops declared in csrc/ops.cpp
+A backend's kernel table offers the kernel-level ops declared in csrc/op_schemas.h
 (dwconv_bn_silu_stats, ..., se_gate_grad) as attributes:
   reference  plain torch (effnet_fast.ops.reference_kernels), any device
   cpu        C++ kernels, CPU tensors          torch.ops.effnet_fast
@@ -13,6 +13,8 @@ import importlib
 import os
 
 import torch
+
+from .kernel_fakes import register_kernel_fakes
 
 BACKENDS = ("cpu", "cuda", "triton")
 # Order in which fused=True tries the backends on a CUDA device.
@@ -29,10 +31,15 @@ def _try_import(module):
         return None
 
 
-_C = _try_import("effnet_fast._C")
-if _C is not None:
-    from .kernel_fakes import register_kernel_fakes
-    register_kernel_fakes("effnet_fast")
+def _load_extension(module, namespace):
+    """Import a compiled extension and give its kernel ops their fake implementations."""
+    ext = _try_import(module)
+    if ext is not None:
+        register_kernel_fakes(namespace)
+    return ext
+
+
+_C = _load_extension("effnet_fast._C", "effnet_fast")
 
 
 def _has_kernel(dispatch_key, namespace="effnet_fast"):
@@ -51,7 +58,7 @@ def cuda_built():
 
 
 def cuda_emu_built():
-    return _try_import("effnet_fast._C_emu") is not None and _has_kernel("CPU", "effnet_fast_emu")
+    return _load_extension("effnet_fast._C_emu", "effnet_fast_emu") is not None and _has_kernel("CPU", "effnet_fast_emu")
 
 
 def triton_built():

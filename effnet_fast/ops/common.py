@@ -21,3 +21,8 @@ def as_supported_layout(x):
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
         return x
     return x.contiguous()
+
+
+def conv_out_size(size, kernel_size, stride):
+    """Output size of a conv with symmetric padding kernel_size // 2."""
+    return (size + 2 * (kernel_size // 2) - kernel_size) // stride + 1

@@ -10,7 +10,7 @@ weights and per-channel vectors and recomputes the conv output:
 import torch
 
 from .backends import kernels
-from .common import acc_dtype, as_supported_layout, memory_format_of
+from .common import acc_dtype, as_supported_layout, conv_out_size, memory_format_of
 
 KERNEL_SIZES = (3, 5)
 STRIDES = (1, 2)
@@ -43,10 +43,6 @@ def check_inputs(x, weight, bn_weight, bn_bias, stride):
         raise ValueError(f"dwconv_bn_silu: BatchNorm weight and bias must have shape ({c},)")
 
 
-def out_size(size, k, stride):
-    return (size + 2 * (k // 2) - k) // stride + 1
-
-
 def _fold(bn_weight, bn_bias, mean, var, eps):
     invstd = torch.rsqrt(var + eps)
     scale = bn_weight.to(mean.dtype) * invstd
@@ -73,7 +69,7 @@ def dwconv_bn_silu(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tenso
 def _(x, weight, bn_weight, bn_bias, running_mean, running_var, training, eps, stride, backend):
     n, c, h, w = x.shape
     k = weight.shape[-1]
-    out = x.new_empty((n, c, out_size(h, k, stride), out_size(w, k, stride)))
+    out = x.new_empty((n, c, conv_out_size(h, k, stride), conv_out_size(w, k, stride)))
     out = out.contiguous(memory_format=memory_format_of(x))
     acc = acc_dtype(x.dtype)
     return out, x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)

@@ -1,4 +1,4 @@
-"""Fake (meta) implementations of the kernel-level ops of csrc/ops.cpp.
+"""Fake (meta) implementations of the kernel-level ops of csrc/op_schemas.h.
 
 The backward of the differentiable ops calls the kernel ops directly, so tracing
 it (torch.compile, AOT autograd, opcheck) needs their output shapes without
@@ -7,13 +7,9 @@ namespace of a test build of the same schemas.
 """
 import torch
 
-from .common import acc_dtype, memory_format_of
+from .common import acc_dtype, conv_out_size, memory_format_of
 
 _registered = set()
-
-
-def _out_size(size, k, stride):
-    return (size + 2 * (k // 2) - k) // stride + 1
 
 
 def _per_channel(x):
@@ -42,7 +38,7 @@ def register_kernel_fakes(namespace="effnet_fast"):
     def _(x, weight, scale, shift, stride):
         n, c, h, w = x.shape
         k = weight.shape[-1]
-        return _like(x, (n, c, _out_size(h, k, stride), _out_size(w, k, stride)))
+        return _like(x, (n, c, conv_out_size(h, k, stride), conv_out_size(w, k, stride)))
 
     @fake("dwconv_bn_silu_backward_reduce")
     def _(grad_out, x, weight, scale, shift, mean, stride):

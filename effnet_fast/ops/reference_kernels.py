@@ -1,5 +1,5 @@
 """The kernel-level ops written with plain torch: the specification every backend
-(C++ CPU, CUDA, Triton) is tested against. Signatures match csrc/ops.cpp."""
+(C++ CPU, CUDA, Triton) is tested against. Signatures match csrc/op_schemas.h."""
 import torch
 import torch.nn.functional as F
 

@@ -1,0 +1,37 @@
+// Operator schemas, declared once for every backend.
+//
+// These are the kernel-level ops; the differentiable ops that models call
+// (effnet_fast::dwconv_bn_silu, effnet_fast::squeeze_excite) are defined in
+// effnet_fast/ops/ on top of them. x is (N, C, H, W), contiguous or
+// channels_last; outputs keep x's memory format. Per-channel vectors are in
+// the accumulation dtype: float64 for float64 inputs, float32 otherwise.
+#pragma once
+#include <torch/library.h>
+
+namespace effnet_fast {
+
+inline void define_ops(torch::Library& m) {
+  // Depthwise conv (k x k, stride, symmetric padding k // 2) + BatchNorm + SiLU.
+  // Per-channel mean and biased variance of y = dwconv(x, weight).
+  m.def("dwconv_bn_silu_stats(Tensor x, Tensor weight, int stride) -> (Tensor, Tensor)");
+  // out = silu(y * scale[c] + shift[c]).
+  m.def("dwconv_bn_silu_forward(Tensor x, Tensor weight, Tensor scale, Tensor shift, int stride) -> Tensor");
+  // With z = y * scale + shift and dz = grad_out * silu'(z):
+  // (sum dz, sum dz * (y - mean)) per channel.
+  m.def("dwconv_bn_silu_backward_reduce(Tensor grad_out, Tensor x, Tensor weight, Tensor scale, "
+        "Tensor shift, Tensor mean, int stride) -> (Tensor, Tensor)");
+  // With dy = coef_a[c] * dz + coef_b[c] * y + coef_c[c]:
+  // (grad_x, grad_weight) of y = dwconv(x, weight).
+  m.def("dwconv_bn_silu_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor scale, Tensor shift, "
+        "Tensor coef_a, Tensor coef_b, Tensor coef_c, int stride) -> (Tensor, Tensor)");
+
+  // Squeeze-excitation.
+  // (N, C) mean of x over H and W.
+  m.def("se_pool(Tensor x) -> Tensor");
+  // out = x * gate[n, c] (+ bias[n, c]).
+  m.def("se_scale(Tensor x, Tensor gate, Tensor? bias=None) -> Tensor");
+  // (N, C) sum over H and W of grad_out * x.
+  m.def("se_gate_grad(Tensor grad_out, Tensor x) -> Tensor");
+}
+
+}  // namespace effnet_fast
