@@ -8,31 +8,28 @@ import torch.nn.functional as F
 class _BNSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, weight, bias, running_mean, running_var, training, momentum, eps):
-        z, mean, invstd = torch.native_batch_norm(y, weight, bias, running_mean, running_var, training,
-                                                  momentum, eps)
-        if not training:  # eval: normalise with the running statistics
-            mean, invstd = running_mean.clone(), torch.rsqrt(running_var + eps)
-        ctx.save_for_backward(y, weight, bias, mean, invstd)
+        z, save_mean, save_invstd = torch.native_batch_norm(y, weight, bias, running_mean, running_var, training,
+                                                            momentum, eps)
+        # Batch statistics in training; in eval copies of the running ones, which a
+        # later training step may update in place before this backward runs.
+        stats = (save_mean, save_invstd) if training else (running_mean.clone(), running_var.clone())
+        ctx.save_for_backward(y, weight, bias, *stats)
         ctx.training, ctx.eps = training, eps
         return F.silu(z)
 
     @staticmethod
     def backward(ctx, grad_out):
-        y, weight, bias, mean, invstd = ctx.saved_tensors
-        shape = (1, -1) + (1,) * (y.dim() - 2)
-        scale = (weight * invstd).view(shape)
-        z = y * scale + (bias - mean * weight * invstd).view(shape)
-        sig = torch.sigmoid(z)
-        dz = grad_out * sig * (1 + z * (1 - sig))
-        dims = [0] + list(range(2, y.dim()))
-        xhat = (y - mean.view(shape)) * invstd.view(shape)
-        grad_bias = dz.sum(dims)
-        grad_weight = (dz * xhat).sum(dims)
-        if ctx.training:
-            count = y.numel() // y.shape[1]
-            grad_y = scale * (dz - (grad_bias / count).view(shape) - xhat * (grad_weight / count).view(shape))
-        else:
-            grad_y = dz * scale
+        y, weight, bias, stat_a, stat_b = ctx.saved_tensors
+        eps = ctx.eps
+        if ctx.training:  # stat_a, stat_b = batch mean, 1 / sqrt(var + eps)
+            running, saved = (None, None), (stat_a, stat_b)
+            z = torch.native_batch_norm(y, weight, bias, stat_a, stat_b.pow(-2) - eps, False, 0.0, eps)[0]
+        else:  # running mean and variance
+            running, saved = (stat_a, stat_b), (None, None)
+            z = torch.native_batch_norm(y, weight, bias, stat_a, stat_b, False, 0.0, eps)[0]
+        grad_z = torch.ops.aten.silu_backward(grad_out, z)
+        grad_y, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_z, y, weight, *running, *saved, ctx.training, eps, [True, True, True])
         return grad_y, grad_weight, grad_bias, None, None, None, None, None
 
 
