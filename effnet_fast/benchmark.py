@@ -38,14 +38,14 @@ def eval_forward(model, x, run=None):
     """One no-grad forward in eval mode; `run` is model or a compiled wrapper of it."""
     model.eval()
     with torch.no_grad():
-        return (run or model)(x)
+        return (model if run is None else run)(x)
 
 
 def train_step(model, opt, x, y, run=None):
     """One SGD step in training mode; returns the loss."""
     model.train()
     opt.zero_grad(set_to_none=True)
-    loss = F.cross_entropy((run or model)(x), y)
+    loss = F.cross_entropy((model if run is None else run)(x), y)
     loss.backward()
     opt.step()
     return loss
