@@ -7,13 +7,12 @@ CPU kernels, eval forward and training forward + backward, NCHW and channels_las
 The summary compares eval time with the memory floor: (bytes of x + bytes of the
 output) / the copy bandwidth measured in the same run.
 """
-import argparse
 import sys
 
 import pytest
 import torch
 
-from common import B0_DWCONV_LAYERS, BATCH, copy_bandwidth, input_tensor, layer_id, layouts
+from common import B0_DWCONV_LAYERS, BATCH, copy_bandwidth, input_tensor, layer_id, layouts, parse_bench_args
 from effnet_fast.benchmark import best_seconds
 from effnet_fast.layers import DWConvBNSiLU, FusedDWConvBNSiLU
 from effnet_fast.ops import build_info
@@ -67,17 +66,8 @@ def floor_seconds(shape, batch, bandwidth):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=BATCH)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--compile", action="store_true", help="add torch.compile of the eager layers (slow to compile)")
-    p.add_argument("--layout", choices=("NCHW", "NHWC", "both"), default="both")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not build_info()["cpu"]:
-        sys.exit("the CPU kernels are not built: pip install -e .")
+    args = parse_bench_args(argv, __doc__, repeats=3, extra=lambda p: p.add_argument(
+        "--layout", choices=("NCHW", "NHWC", "both"), default="both"))
     impls = IMPLS + (("compile",) if args.compile else ())
     bandwidth = copy_bandwidth()
     print(f"depthwise conv+BN+SiLU, B0 shapes, batch {args.batch}, float32, {torch.get_num_threads()} threads, "

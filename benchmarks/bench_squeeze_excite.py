@@ -4,13 +4,12 @@ forward + backward (and eval forward), NCHW and channels_last.
   python benchmarks/bench_squeeze_excite.py [--repeats 5] [--batch 16] [--compile]
   pytest benchmarks/bench_squeeze_excite.py --benchmark-enable   (pytest-benchmark rows)
 """
-import argparse
 import sys
 
 import pytest
 import torch
 
-from common import B0_SE_LAYERS, BATCH, copy_bandwidth, input_tensor, layer_id, layouts
+from common import B0_SE_LAYERS, BATCH, copy_bandwidth, input_tensor, layer_id, layouts, parse_bench_args
 from effnet_fast.benchmark import best_seconds
 from effnet_fast.layers import FusedSqueezeExcitation, SqueezeExcitation
 from effnet_fast.ops import build_info
@@ -49,16 +48,7 @@ def measure(shape, channels_last, impl, batch, repeats):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=BATCH)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--compile", action="store_true", help="add torch.compile of the eager layer (slow to compile)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not build_info()["cpu"]:
-        sys.exit("the CPU kernels are not built: pip install -e .")
+    args = parse_bench_args(argv, __doc__, repeats=5)
     impls = IMPLS + (("compile",) if args.compile else ())
     bandwidth = copy_bandwidth()
     print(f"squeeze-excitation, B0 shapes, batch {args.batch}, float32, {torch.get_num_threads()} threads, "

@@ -1,4 +1,7 @@
 """Shared pieces of the op benchmarks: B0's layer shapes, timing, copy bandwidth."""
+import argparse
+import sys
+
 import torch
 
 from effnet_fast.benchmark import best_seconds
@@ -36,3 +39,22 @@ def input_tensor(n, c, h, w, channels_last, seed=0):
 
 def layouts():
     return [("NCHW", False), ("NHWC", True)]
+
+
+def parse_bench_args(argv, doc, repeats, extra=None):
+    """The op benchmarks' shared command line; `extra(parser)` adds a script's own options.
+    Sets the thread count and exits with a message when the CPU kernels are not built."""
+    from effnet_fast.ops import build_info
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=BATCH)
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--compile", action="store_true", help="add torch.compile of the eager layers (slow to compile)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    if extra:
+        extra(p)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not build_info()["cpu"]:
+        sys.exit("the CPU kernels are not built: pip install -e .")
+    return args
