@@ -1,5 +1,6 @@
 """Whole EfficientNet: eval forward, training step and saved-for-backward bytes,
-reference (eager) vs fused vs torch.compile, measured in one run.
+reference (eager) vs fused vs torch.compile, measured in one run: the models take turns,
+and each row is the median of its turns.
 
   python benchmarks/bench_model.py [--version b0] [--batch 16] [--compile] [--fused cpu]
   pytest benchmarks/bench_model.py --benchmark-enable      (pytest-benchmark rows)
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from effnet_fast import EfficientNet
-from effnet_fast.benchmark import eval_forward, median_seconds, train_step
+from effnet_fast.benchmark import eval_forward, train_step, wall_times
 
 
 def make(version, fused, channels_last, compile_mode=False, seed=0):
@@ -55,7 +56,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--fused", default="cpu")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="add torch.compile rows (compiles for minutes on a CPU)")
     args = p.parse_args(argv)
     print(f"{args.version}, batch {args.batch}, {args.size}x{args.size}, float32, {torch.get_num_threads()} threads, "
@@ -64,15 +65,24 @@ def main(argv=None):
                (f"fused={args.fused}", args.fused, False, False), (f"fused={args.fused}", args.fused, True, False)]
     if args.compile:
         configs += [("torch.compile", False, True, True)]
-    rows = []
+    runs = []
     for label, fused, cl, comp in configs:
         model, run, opt = make(args.version, fused, cl, comp)
         x, y = inputs(args.batch, args.size, cl)
-        fwd = median_seconds(lambda: eval_forward(model, x, run), args.repeats)
-        step = median_seconds(lambda: train_step(model, opt, x, y, run), args.repeats)
-        nbytes = saved_bytes(model, x) if not comp else float("nan")
-        rows.append((label, "channels_last" if cl else "NCHW", fwd, step, nbytes))
-        print(f"  measured {label} {'NHWC' if cl else 'NCHW'}", file=sys.stderr)
+        fwd, step = (lambda: eval_forward(model, x, run)), (lambda: train_step(model, opt, x, y, run))
+        fwd(), step()  # warm-up (and compilation)
+        runs.append((label, "channels_last" if cl else "NCHW", fwd, step,
+                     float("nan") if comp else saved_bytes(model, x)))
+        print(f"  built {label} {'NHWC' if cl else 'NCHW'}", file=sys.stderr)
+    # Round-robin over the models, so that the machine's drift spreads evenly over them.
+    times = [([], []) for _ in runs]
+    for _ in range(args.repeats):
+        for (_, _, fwd, step, _), (fwd_times, step_times) in zip(runs, times):
+            fwd_times.append(wall_times(fwd, 1, warmup=0)[0])
+            step_times.append(wall_times(step, 1, warmup=0)[0])
+    median = lambda ts: sorted(ts)[len(ts) // 2]  # noqa: E731
+    rows = [(label, layout, median(f), median(s), nbytes)
+            for (label, layout, _, _, nbytes), (f, s) in zip(runs, times)]
     base_fwd, base_step, base_bytes = rows[0][2], rows[0][3], rows[0][4]
     print(f"{'model':<18}{'layout':<15}{'eval fwd ms':>12}{'x eager':>9}{'train step ms':>15}{'x eager':>9}"
           f"{'saved MiB':>11}{'vs eager':>10}")
