@@ -58,7 +58,10 @@ def main(argv=None):
     p.add_argument("--fused", default="cpu")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="add torch.compile rows (compiles for minutes on a CPU)")
+    p.add_argument("--profile", action="store_true", help="only profile one eval forward of the fused model")
     args = p.parse_args(argv)
+    if args.profile:
+        return profile_eval(args)
     print(f"{args.version}, batch {args.batch}, {args.size}x{args.size}, float32, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
     configs = [("eager", False, False, False), ("eager", False, True, False),
@@ -90,6 +93,16 @@ def main(argv=None):
         print(f"{label:<18}{layout:<15}{fwd * 1e3:>12.1f}{base_fwd / fwd:>9.2f}{step * 1e3:>15.1f}"
               f"{base_step / step:>9.2f}{nbytes / 2**20:>11.1f}{(nbytes / base_bytes - 1) * 100:>9.1f}%")
     print("(x eager: speedup over eager NCHW; vs eager: saved-for-backward bytes relative to eager NCHW)")
+
+
+def profile_eval(args):
+    """Where the fused model's eval forward spends its time (channels_last), by op."""
+    model, _, _ = make(args.version, args.fused, True)
+    x, _ = inputs(args.batch, args.size, True)
+    eval_forward(model, x)
+    with torch.profiler.profile() as prof:
+        eval_forward(model, x)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 LAYOUTS = [pytest.param(False, id="nchw"), pytest.param(True, id="channels_last")]
