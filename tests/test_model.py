@@ -173,3 +173,24 @@ def check_fused_model(backend, device, size, batch=2):
         torch.testing.assert_close(p.grad, p_ref.grad, atol=2e-4, rtol=2e-3, msg=lambda m: f"{name}: {m}")
     for (name, b_ref), b in zip(ref.named_buffers(), fused.buffers()):
         torch.testing.assert_close(b, b_ref, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] in ("cpu", "cuda", "reference")])
+def test_fused_model_under_autocast(backend, device):
+    """bfloat16 autocast: the fused layers take autocast's bfloat16 activations with float32
+    weights; the loss stays close to the reference model's under autocast and every gradient is
+    finite. (Gradients are not compared element-wise: at this size bfloat16 alone moves the
+    reference's own gradients far from its float32 ones.)"""
+    torch.manual_seed(0)
+    ref = randomize(EfficientNet("b0", num_classes=10, dropout=0.0, stochastic_depth=0.0)).to(device).train()
+    fused = copy.deepcopy(ref).set_fused(backend)
+    x, target = torch.randn(2, 3, 64, 64, device=device), torch.randint(0, 10, (2,), device=device)
+    losses = []
+    for model in (ref, fused):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        losses.append(loss.float())
+    torch.testing.assert_close(losses[1], losses[0], atol=0.05, rtol=0.05)
+    assert all(torch.isfinite(p.grad).all() for p in fused.parameters())
+    assert all(p.dtype == torch.float32 for p in fused.parameters())

@@ -26,3 +26,12 @@ def as_supported_layout(x):
 def conv_out_size(size, kernel_size, stride):
     """Output size of a conv with symmetric padding kernel_size // 2."""
     return (size + 2 * (kernel_size // 2) - kernel_size) // stride + 1
+
+
+def autocast_weight(weight, x):
+    """Under autocast, a weight in another dtype than its (autocast) input is cast to
+    the input's dtype, as autocast does for a convolution's weight; the cast is
+    differentiable, so the gradient reaches the original weight."""
+    if weight.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
+        return weight.to(x.dtype)
+    return weight

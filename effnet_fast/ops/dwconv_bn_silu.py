@@ -10,7 +10,7 @@ weights and per-channel vectors and recomputes the conv output:
 import torch
 
 from .backends import kernels
-from .common import acc_dtype, as_supported_layout, conv_out_size, memory_format_of
+from .common import acc_dtype, as_supported_layout, autocast_weight, conv_out_size, memory_format_of
 
 KERNEL_SIZES = (3, 5)
 STRIDES = (1, 2)
@@ -107,6 +107,7 @@ torch.library.register_autograd("effnet_fast::dwconv_bn_silu", _backward, setup_
 
 def dwconv_bn_silu_fn(x, weight, bn_weight, bn_bias, running_mean, running_var, training, eps, stride, backend):
     """Validate, bring x to a supported layout and call the op."""
+    weight = autocast_weight(weight, x)
     check_inputs(x, weight, bn_weight, bn_bias, stride)
     return dwconv_bn_silu(as_supported_layout(x), weight.contiguous(), bn_weight, bn_bias,
                           running_mean, running_var, training, eps, stride, backend)

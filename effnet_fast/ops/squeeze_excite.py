@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends import kernels
-from .common import acc_dtype, as_supported_layout, memory_format_of
+from .common import acc_dtype, as_supported_layout, autocast_weight, memory_format_of
 
 
 def check_inputs(x, w1, b1, w2, b2):
@@ -127,6 +127,7 @@ def squeeze_excite_fn(x, w1, b1, w2, b2, backend):
 
 
 def squeeze_excite_project_fn(x, w1, b1, w2, b2, w_proj, backend):
+    w_proj = autocast_weight(w_proj, x)
     check_inputs(x, w1, b1, w2, b2)
     if w_proj.dim() != 4 or w_proj.shape[1:] != (x.shape[1], 1, 1):
         raise ValueError(f"squeeze_excite_project: projection weight must be (C_out, {x.shape[1]}, 1, 1), "
