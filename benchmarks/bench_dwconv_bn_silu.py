@@ -16,6 +16,7 @@ from common import B0_DWCONV_LAYERS, BATCH, copy_bandwidth, input_tensor, layer_
 from effnet_fast.benchmark import best_seconds
 from effnet_fast.layers import DWConvBNSiLU, FusedDWConvBNSiLU
 from effnet_fast.ops import build_info
+from effnet_fast.ops.common import conv_out_size
 
 IMPLS = ("eager", "fused")
 
@@ -61,7 +62,7 @@ def measure(shape, channels_last, impl, batch, repeats):
 
 def floor_seconds(shape, batch, bandwidth):
     c, h, k, s = shape
-    out = (h + 2 * (k // 2) - k) // s + 1
+    out = conv_out_size(h, k, s)
     return 4 * batch * c * (h * h + out * out) / bandwidth
 
 
