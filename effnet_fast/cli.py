@@ -55,7 +55,13 @@ def cmd_bench(args):
 
 
 def cmd_train(args):
+    from .checkpoint import check_writable
     from .train import train_digits
+    if args.out:
+        try:
+            check_writable(args.out)
+        except OSError as exc:
+            raise SystemExit(f"effnet-fast train --out: {exc}") from exc
     train_digits(version=args.version, fused=args.fused, epochs=args.epochs, batch_size=args.batch,
                  size=args.size or 32, out=args.out, limit=args.limit)
 

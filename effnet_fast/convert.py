@@ -2,10 +2,16 @@
 
 Our keys: stem.{conv,bn}, blocks.S.J.{expand,dw,project}.{conv,bn}, blocks.S.J.se.{fc1,fc2},
 head.{conv,bn}, classifier. The maps are built from the model's own structure, so
-they hold for every variant (the peers' layouts differ only in names)."""
+they hold for every variant (the peers' layouts differ only in names).
+
+timm's TF ports (`tf_efficientnet_b*`) have the same keys and shapes as its
+`efficientnet_b*` but need TF 'same' padding and BatchNorm eps 1e-3, which this
+model does not implement: a timm state dict cannot be told apart from its keys,
+so loading one needs `layout="timm"` (or the timm model object, which is checked)."""
 import os
 
 import torch
+from torch import nn
 
 from .layers import MBConv
 
@@ -67,6 +73,9 @@ def timm_key_map(model):
 
 
 KEY_MAPS = {"torchvision": torchvision_key_map, "timm": timm_key_map}
+TF_PORT_LAYOUT = "timm_tf"
+_TF_PORT_WHY = ("timm's TF-ported weights (tf_efficientnet_*) need TF 'same' padding and BatchNorm eps 1e-3; "
+                "this model pads symmetrically, so they would load but give wrong outputs")
 
 
 def detect_layout(state_dict):
@@ -82,11 +91,25 @@ def detect_layout(state_dict):
                      f"got e.g. {list(keys)[:3]}")
 
 
-def convert_state_dict(model, state_dict, layout=None):
-    """`state_dict` (in `layout`, detected when None) translated to `model`'s keys.
-    Missing keys (e.g. num_batches_tracked of older checkpoints) are left out; a
-    shape mismatch raises ValueError naming the tensor."""
-    layout = layout or detect_layout(state_dict)
+def _checked_layout(state_dict, layout):
+    if layout == TF_PORT_LAYOUT:
+        raise ValueError(f"layout {TF_PORT_LAYOUT!r} is not supported: {_TF_PORT_WHY}")
+    if layout is not None and layout not in ("effnet_fast", *KEY_MAPS):
+        raise ValueError(f"unknown layout {layout!r}; choose one of {('effnet_fast', *KEY_MAPS)}")
+    detected = detect_layout(state_dict)
+    if layout is None and detected == "timm":
+        raise ValueError("a timm state dict needs an explicit layout: pass layout='timm' for timm's efficientnet_b* "
+                         "weights (or the timm model itself instead of its state dict). Its keys cannot tell "
+                         f"efficientnet_b* from tf_efficientnet_b*, and {_TF_PORT_WHY}")
+    return layout or detected
+
+
+def convert_state_dict(model, state_dict, layout=None, strict=True):
+    """`state_dict` (in `layout`, detected when None; timm's needs it given, see the
+    module docstring) translated to `model`'s keys. Missing keys (e.g.
+    num_batches_tracked of older checkpoints) are left out; a shape mismatch raises
+    ValueError naming the tensor. strict=False skips missing and unused tensors."""
+    layout = _checked_layout(state_dict, layout)
     if layout == "effnet_fast":
         return dict(state_dict)
     km = KEY_MAPS[layout](model)
@@ -94,7 +117,7 @@ def convert_state_dict(model, state_dict, layout=None):
     out = {}
     for our_key, their_key in km.items():
         if their_key not in state_dict:
-            if our_key.endswith("num_batches_tracked"):
+            if our_key.endswith("num_batches_tracked") or not strict:
                 continue
             raise KeyError(f"{layout} state dict has no {their_key!r} (for {our_key!r}); "
                            f"is it a different EfficientNet variant?")
@@ -104,7 +127,7 @@ def convert_state_dict(model, state_dict, layout=None):
                              f"{tuple(ours[our_key].shape)}: different variant or num_classes?")
         out[our_key] = t
     unused = set(state_dict) - set(km.values())
-    if unused:
+    if unused and strict:
         raise ValueError(f"{len(unused)} {layout} tensors have no place in this model, e.g. {sorted(unused)[:3]}")
     return out
 
@@ -115,18 +138,65 @@ def to_layout(model, layout="torchvision"):
     return {theirs: ours[our_key] for our_key, theirs in KEY_MAPS[layout](model).items()}
 
 
+def _batch_norm_eps(module):
+    return {m.eps for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
+def check_peer_model(model, peer):
+    """Refuse a peer model (torchvision or timm) whose layers compute something else
+    than `model` with the same weights: TF 'same' padding, another BatchNorm eps."""
+    same_pad = [name for name, m in peer.named_modules() if type(m).__name__.startswith("Conv2dSame")]
+    if same_pad:
+        raise ValueError(f"{type(peer).__name__} has {len(same_pad)} Conv2dSame layers (e.g. {same_pad[0]!r}): "
+                         f"it is a TF port; {_TF_PORT_WHY}")
+    theirs, ours = _batch_norm_eps(peer), _batch_norm_eps(model)
+    if theirs != ours:
+        raise ValueError(f"{type(peer).__name__} uses BatchNorm eps {sorted(theirs)}, this model {sorted(ours)}: "
+                         f"build it with EfficientNet(..., bn_eps={min(theirs)}) to load these weights")
+
+
+def _read(source):
+    """A state dict from a local file or a URL (needs a network); tensors only."""
+    source = str(source)
+    if source.startswith(("http://", "https://")):
+        return torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=False, weights_only=True)
+    return torch.load(source, map_location="cpu", weights_only=True)
+
+
+def _check_fits(model, state, strict):
+    """Raise before anything is copied when `state` cannot load completely, so a
+    failed load leaves `model` as it was (load_state_dict copies what fits first)."""
+    ours = model.state_dict()
+    wrong = [f"{k} {tuple(t.shape)} (needs {tuple(ours[k].shape)})" for k, t in state.items()
+             if k in ours and t.shape != ours[k].shape]
+    if wrong:
+        raise ValueError(f"{len(wrong)} tensors do not fit this model (different variant or num_classes?), e.g. "
+                         f"{wrong[:3]}; nothing was loaded")
+    if strict:
+        missing = sorted(k for k in ours.keys() - state.keys() if not k.endswith("num_batches_tracked"))
+        unexpected = sorted(state.keys() - ours.keys())
+        if missing or unexpected:
+            raise KeyError(f"state dict does not match the model: {len(missing)} missing keys (e.g. {missing[:3]}), "
+                           f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}); nothing was loaded")
+
+
 def load_weights(model, source, layout=None, strict=True):
-    """Load weights into `model` from a state dict, a local file, or a URL (needs a
-    network), in our, torchvision's or timm's layout. Returns the model."""
-    if isinstance(source, (str, os.PathLike)):
-        source = str(source)
-        if source.startswith(("http://", "https://")):
-            state = torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=False)
-        else:
-            state = torch.load(source, map_location="cpu", weights_only=True)
+    """Load weights into `model` from a state dict, a local file, a URL (needs a
+    network) or a torchvision / timm model object, in our, torchvision's or timm's
+    layout (a timm state dict needs layout='timm', see the module docstring). Only
+    tensors are unpickled (weights_only=True). All or nothing: a load that fails
+    leaves the model unchanged. Returns the model."""
+    if isinstance(source, nn.Module):
+        check_peer_model(model, source)
+        state = source.state_dict()
+        layout = layout or detect_layout(state)
+    elif isinstance(source, (str, os.PathLike)):
+        state = _read(source)
     else:
         state = source
     if isinstance(state, dict) and "state_dict" in state and not torch.is_tensor(state["state_dict"]):
         state = state["state_dict"]  # a training checkpoint
-    model.load_state_dict(convert_state_dict(model, state, layout), strict=strict)
+    state = convert_state_dict(model, state, layout, strict)
+    _check_fits(model, state, strict)
+    model.load_state_dict(state, strict=strict)
     return model

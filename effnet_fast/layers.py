@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from .ops import dwconv_bn_silu_fn, resolve_backend, squeeze_excite_fn, squeeze_excite_project_fn
 from .ops.bn_silu import bn_silu
+from .ops.common import REFERENCE_HINT, acc_dtype
 
 
 class ConvBNAct(nn.Sequential):
@@ -50,19 +51,47 @@ class FusedDWConvBNSiLU(DWConvBNSiLU):
         self.backend = backend
 
     def forward(self, x):
+        if x.numel() == 0:
+            return super().forward(x)  # an empty batch (or plane): exactly as the reference
+        check_conv_settings(self, self.conv, stride=self.conv.stride[0], padding=self.conv.kernel_size[0] // 2,
+                            groups=self.conv.in_channels, bias=False)
         bn = self.bn
-        use_batch_stats = self.training or bn.running_mean is None
-        running_mean = bn.running_mean if bn.running_mean is not None else bn.weight.new_zeros(0)
-        running_var = bn.running_var if bn.running_var is not None else bn.weight.new_zeros(0)
+        weight, bias = affine_or_identity(bn, x)
+        use_batch_stats = bn.training or bn.running_mean is None  # the BatchNorm's mode, as the reference
+        running_mean = bn.running_mean if bn.running_mean is not None else weight.new_zeros(0)
+        running_var = bn.running_var if bn.running_var is not None else weight.new_zeros(0)
         out, mean, var = dwconv_bn_silu_fn(
-            x, self.conv.weight, bn.weight, bn.bias, running_mean, running_var, use_batch_stats,
+            x, self.conv.weight, weight, bias, running_mean, running_var, use_batch_stats,
             bn.eps, self.conv.stride[0], resolve_backend(self.backend, x.device))
-        if self.training and bn.track_running_stats:
+        if bn.training and bn.track_running_stats:
             update_running_stats(bn, mean, var, out.numel() // out.shape[1])
         return out
 
     def extra_repr(self):
         return f"backend={self.backend!r}"
+
+
+def affine_or_identity(bn, x):
+    """BatchNorm's weight and bias; ones and zeros for BatchNorm2d(affine=False)."""
+    if bn.weight is not None:
+        return bn.weight, bn.bias
+    acc = acc_dtype(x.dtype)
+    return x.new_ones(bn.num_features, dtype=acc), x.new_zeros(bn.num_features, dtype=acc)
+
+
+def check_conv_settings(layer, conv, stride, padding, groups, bias):
+    """The fused kernels compute one conv configuration; refuse a conv whose stride,
+    padding, dilation, groups or bias was changed after construction instead of
+    computing something else."""
+    want = dict(stride=(stride, stride), padding=(padding, padding), dilation=(1, 1), groups=groups,
+                padding_mode="zeros", bias=bias)
+    got = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+               padding_mode=conv.padding_mode, bias=conv.bias is not None)
+    wrong = {name: got[name] for name in want if got[name] != want[name]}
+    if wrong:
+        expected = {name: want[name] for name in wrong}
+        raise ValueError(f"{type(layer).__name__}: the fused kernel computes a conv with {expected}, but this "
+                         f"conv has {wrong}; {REFERENCE_HINT}")
 
 
 @torch.no_grad()
@@ -95,13 +124,24 @@ class FusedSqueezeExcitation(SqueezeExcitation):
         self.backend = backend
 
     def forward(self, x):
+        if x.numel() == 0:
+            return super().forward(x)
+        self._check_fc_settings()
         return squeeze_excite_fn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                                  resolve_backend(self.backend, x.device))
 
     def forward_project(self, x, conv):
         """conv(self(x)) for a 1x1 conv without bias, never storing self(x)."""
+        if x.numel() == 0:
+            return conv(super().forward(x))
+        self._check_fc_settings()
+        check_conv_settings(self, conv, stride=1, padding=0, groups=1, bias=False)
         return squeeze_excite_project_fn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                                          conv.weight, resolve_backend(self.backend, x.device))
+
+    def _check_fc_settings(self):
+        for fc in (self.fc1, self.fc2):
+            check_conv_settings(self, fc, stride=1, padding=0, groups=1, bias=True)
 
     def extra_repr(self):
         return f"backend={self.backend!r}"

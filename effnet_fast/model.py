@@ -168,9 +168,7 @@ class EfficientNet(nn.Module):
     def set_fused(self, fused):
         """Switch to the fused ops (`fused` True or a backend name) or back to the
         reference layers (False), in place; see `set_fused`."""
-        set_fused(self, fused)
-        self.fused = fused or False
-        return self
+        return set_fused(self, fused)
 
     def mbconv_blocks(self):
         return [m for m in self.modules() if isinstance(m, MBConv)]
@@ -203,6 +201,9 @@ def set_fused(module, fused):
     keys do not change. The fused model also keeps only the conv output of each
     1x1 conv + BN + SiLU for backward (recomputing BN + SiLU), saving memory."""
     _check_fused(fused)
+    for model in module.modules():
+        if isinstance(model, EfficientNet):
+            model.fused = fused or False  # also when `module` merely wraps the model
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             ref_cls = _REFERENCE.get(type(child), type(child))

@@ -5,6 +5,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import check_writable, save_atomic
 from .model import EfficientNet
 
 
@@ -31,7 +32,10 @@ def evaluate(model, x, y, batch_size=256):
 
 def train_digits(version="b0", fused=False, epochs=6, batch_size=64, size=32, lr=1e-2, out=None, seed=0,
                  limit=None):
-    """Train from scratch; `limit` caps the number of training and test images."""
+    """Train from scratch; `limit` caps the number of training and test images.
+    `out` is checked before training and written atomically after it."""
+    if out:
+        check_writable(out)
     torch.manual_seed(seed)
     (x_train, y_train), (x_test, y_test) = digits_tensors(size, seed)
     if limit:
@@ -57,6 +61,6 @@ def train_digits(version="b0", fused=False, epochs=6, batch_size=64, size=32, lr
         print(f"epoch {epoch + 1}: loss {total / steps:.3f}, test accuracy {acc:.3f}, "
               f"{time.perf_counter() - start:.1f} s")
     if out:
-        torch.save(model.state_dict(), out)
+        save_atomic(model.state_dict(), out)
         print(f"saved weights to {out}")
     return model, acc

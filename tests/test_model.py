@@ -78,7 +78,7 @@ def test_timm_weights_give_same_output():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     peer = randomize(timm.create_model("efficientnet_b0", pretrained=False)).eval()
-    ours = load_weights(EfficientNet("b0"), peer.state_dict()).eval()
+    ours = load_weights(EfficientNet("b0"), peer.state_dict(), layout="timm").eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), peer(x), atol=1e-5, rtol=0)

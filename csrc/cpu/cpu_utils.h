@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 #include <utility>
 
@@ -153,9 +154,16 @@ inline Vectorized<T> sigmoid(const Vectorized<T>& z) {
   return reciprocal(Vectorized<T>(T(1)) + exp_for_sigmoid(neg_z));
 }
 
+// NaN at z = -inf, as torch gives (the clamp in sigmoid would make it -inf).
+template <typename T>
+inline Vectorized<T> nan_at_minus_inf(const Vectorized<T>& v, const Vectorized<T>& z) {
+  const Vectorized<T> minus_inf(-std::numeric_limits<T>::infinity());
+  return Vectorized<T>::blendv(v, Vectorized<T>(std::numeric_limits<T>::quiet_NaN()), z == minus_inf);
+}
+
 template <typename T>
 inline Vectorized<T> silu(const Vectorized<T>& z) {
-  return z * sigmoid(z);
+  return nan_at_minus_inf(z * sigmoid(z), z);
 }
 
 // d silu(z) / dz = s * (1 + z * (1 - s)) with s = sigmoid(z).
@@ -163,7 +171,7 @@ template <typename T>
 inline Vectorized<T> silu_grad(const Vectorized<T>& z) {
   const Vectorized<T> one(T(1));
   const Vectorized<T> s = sigmoid(z);
-  return s * at::vec::fmadd(z, one - s, one);
+  return nan_at_minus_inf(s * at::vec::fmadd(z, one - s, one), z);
 }
 
 // Sum of the lanes, in double.

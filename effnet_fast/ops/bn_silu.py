@@ -4,6 +4,10 @@ Plain torch ops, so it runs on every device; used after the 1x1 convs of the fus
 import torch
 import torch.nn.functional as F
 
+from .common import check_batch_stats, refuse_double_backward, refuse_unsupported_transforms
+
+LAYER = "FusedConvBNAct (fused BatchNorm + SiLU after a conv)"
+
 
 class _BNSiLU(torch.autograd.Function):
     @staticmethod
@@ -19,6 +23,7 @@ class _BNSiLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        refuse_double_backward(LAYER)
         y, weight, bias, stat_a, stat_b = ctx.saved_tensors
         eps = ctx.eps
         if ctx.training:  # stat_a, stat_b = batch mean, 1 / sqrt(var + eps)
@@ -35,7 +40,14 @@ class _BNSiLU(torch.autograd.Function):
 
 def bn_silu(y, bn):
     """silu(bn(y)) for an nn.BatchNorm2d `bn`, with nn.BatchNorm2d's training semantics."""
+    if y.numel() == 0:
+        return F.silu(bn(y))  # an empty batch (or plane): exactly as the reference
+    refuse_unsupported_transforms(LAYER, y)
+    if y.dim() != 4:
+        raise ValueError(f"{LAYER}: expected a 4-D (N, C, H, W) input, got shape {tuple(y.shape)}")
     training = bn.training or bn.running_mean is None
+    if training:
+        check_batch_stats(LAYER, y.shape, bn.eps)
     momentum = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats:
         bn.num_batches_tracked.add_(1)

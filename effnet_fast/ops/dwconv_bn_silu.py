@@ -11,7 +11,9 @@ import torch
 
 from .backends import kernels
 from .common import acc_dtype, as_supported_layout, autocast_weight, conv_out_size, memory_format_of
+from .common import autocast_input, check_batch_stats, refuse_double_backward, refuse_unsupported_transforms
 
+LAYER = "FusedDWConvBNSiLU (op effnet_fast::dwconv_bn_silu)"
 KERNEL_SIZES = (3, 5)
 STRIDES = (1, 2)
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -83,6 +85,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, _grad_mean, _grad_var):
+    refuse_double_backward(LAYER)
     x, weight, bn_weight, bn_bias, mean, var = ctx.saved_tensors
     k = kernels(ctx.backend)
     grad_out = grad_out.contiguous(memory_format=memory_format_of(x))
@@ -107,7 +110,13 @@ torch.library.register_autograd("effnet_fast::dwconv_bn_silu", _backward, setup_
 
 def dwconv_bn_silu_fn(x, weight, bn_weight, bn_bias, running_mean, running_var, training, eps, stride, backend):
     """Validate, bring x to a supported layout and call the op."""
+    refuse_unsupported_transforms(LAYER, x)
+    x = autocast_input(x)
     weight = autocast_weight(weight, x)
     check_inputs(x, weight, bn_weight, bn_bias, stride)
+    if training:
+        k = weight.shape[-1]
+        out_size = (x.shape[0], x.shape[1], conv_out_size(x.shape[2], k, stride), conv_out_size(x.shape[3], k, stride))
+        check_batch_stats(LAYER, out_size, eps)
     return dwconv_bn_silu(as_supported_layout(x), weight.contiguous(), bn_weight, bn_bias,
                           running_mean, running_var, training, eps, stride, backend)

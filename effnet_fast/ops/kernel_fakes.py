@@ -3,7 +3,8 @@
 The backward of the differentiable ops calls the kernel ops directly, so tracing
 it (torch.compile, AOT autograd, opcheck) needs their output shapes without
 running a kernel. Registered once per op namespace: effnet_fast, or the
-namespace of a test build of the same schemas.
+namespace of a test build of the same schemas. Each op also gets an autograd
+registration that refuses a call needing a gradient.
 """
 import torch
 
@@ -21,6 +22,19 @@ def _like(x, shape=None):
     return out.contiguous(memory_format=memory_format_of(x))
 
 
+def refuse_autograd(op):
+    """Kernel-level ops have no derivative: calling one on a tensor that requires grad
+    raises (instead of autograd's warning and a missing gradient later)."""
+    def refuse(ctx, inputs, output):
+        raise RuntimeError(f"{op} is a kernel-level op and is not differentiable; call the differentiable ops "
+                           f"(effnet_fast.ops: dwconv_bn_silu, squeeze_excite, ...) or run it under torch.no_grad()")
+
+    def unreachable(ctx, *grads):
+        raise AssertionError(f"{op}: backward of a refused call")
+
+    torch.library.register_autograd(op, unreachable, setup_context=refuse)
+
+
 def register_kernel_fakes(namespace="effnet_fast"):
     """Register the fake implementations for `namespace` (idempotent)."""
     if namespace in _registered:
@@ -28,6 +42,7 @@ def register_kernel_fakes(namespace="effnet_fast"):
     _registered.add(namespace)
 
     def fake(name):
+        refuse_autograd(f"{namespace}::{name}")
         return torch.library.register_fake(f"{namespace}::{name}")
 
     @fake("dwconv_bn_silu_stats")

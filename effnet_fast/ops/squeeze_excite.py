@@ -10,6 +10,10 @@ import torch.nn.functional as F
 
 from .backends import kernels
 from .common import acc_dtype, as_supported_layout, autocast_weight, memory_format_of
+from .common import refuse_double_backward, refuse_unsupported_transforms
+
+LAYER = "FusedSqueezeExcitation (op effnet_fast::squeeze_excite)"
+LAYER_PROJECT = "FusedSqueezeExcitation + 1x1 projection (op effnet_fast::squeeze_excite_project)"
 
 
 def check_inputs(x, w1, b1, w2, b2):
@@ -27,6 +31,9 @@ def check_inputs(x, w1, b1, w2, b2):
     for name, t in (("fc1 weight", w1), ("fc1 bias", b1), ("fc2 weight", w2), ("fc2 bias", b2)):
         if t.device != x.device:
             raise ValueError(f"squeeze_excite: {name} is on {t.device}, input on {x.device}")
+        # As the reference convs: one dtype, except under autocast, which casts both.
+        if t.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"squeeze_excite: {name} dtype {t.dtype} differs from input dtype {x.dtype}")
 
 
 def _gate_parts(pooled, w1, b1, w2, b2):
@@ -76,6 +83,7 @@ def _se_backward(k, grad_scaled, x, w1, b1, w2, b2, pooled):
 
 
 def _backward(ctx, grad_out, _grad_pooled):
+    refuse_double_backward(LAYER)
     x, w1, b1, w2, b2, pooled = ctx.saved_tensors
     return _se_backward(kernels(ctx.backend), grad_out, x, w1, b1, w2, b2, pooled) + (None,)
 
@@ -108,6 +116,7 @@ def _setup_context_project(ctx, inputs, output):
 
 
 def _backward_project(ctx, grad_out, _grad_pooled):
+    refuse_double_backward(LAYER_PROJECT)
     x, w1, b1, w2, b2, w_proj, pooled = ctx.saved_tensors
     k = kernels(ctx.backend)
     _, _, gate = _gate_parts(pooled, w1, b1, w2, b2)
@@ -122,11 +131,13 @@ torch.library.register_autograd("effnet_fast::squeeze_excite_project", _backward
 
 
 def squeeze_excite_fn(x, w1, b1, w2, b2, backend):
+    refuse_unsupported_transforms(LAYER, x)
     check_inputs(x, w1, b1, w2, b2)
     return squeeze_excite(as_supported_layout(x), w1, b1, w2, b2, backend)[0]
 
 
 def squeeze_excite_project_fn(x, w1, b1, w2, b2, w_proj, backend):
+    refuse_unsupported_transforms(LAYER_PROJECT, x)
     w_proj = autocast_weight(w_proj, x)
     check_inputs(x, w1, b1, w2, b2)
     if w_proj.dim() != 4 or w_proj.shape[1:] != (x.shape[1], 1, 1):
