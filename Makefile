@@ -13,7 +13,7 @@ $(PY):
 
 $(VENV)/.deps: $(PY) pyproject.toml
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q pytest pytest-benchmark timm numpy scikit-learn tqdm
+	$(PY) -m pip install -q pytest pytest-benchmark hypothesis timm numpy scikit-learn tqdm
 	touch $@
 
 install: $(VENV)/.deps
