@@ -1,7 +1,7 @@
 // Operator schemas, declared once for every backend.
 //
 // These are the kernel-level ops; the differentiable ops that models call
-// (effnet_fast::dwconv_bn_silu, effnet_fast::squeeze_excite) are defined in
+// (effnet_fast::dwconv_bn_silu, effnet_fast::bn_silu, effnet_fast::squeeze_excite) are defined in
 // effnet_fast/ops/ on top of them. x is (N, C, H, W), contiguous or
 // channels_last; outputs keep x's memory format. Per-channel vectors are in
 // the accumulation dtype: float64 for float64 inputs, float32 otherwise.
@@ -24,6 +24,19 @@ inline void define_ops(torch::Library& m) {
   // (grad_x, grad_weight) of y = dwconv(x, weight).
   m.def("dwconv_bn_silu_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor scale, Tensor shift, "
         "Tensor coef_a, Tensor coef_b, Tensor coef_c, int stride) -> (Tensor, Tensor)");
+
+  // BatchNorm + SiLU of a tensor y (the output of the stem, expand and head convs).
+  // Per-channel mean and biased variance of y.
+  m.def("bn_silu_stats(Tensor y) -> (Tensor, Tensor)");
+  // out = silu(y * scale[c] + shift[c]).
+  m.def("bn_silu_forward(Tensor y, Tensor scale, Tensor shift) -> Tensor");
+  // With z = y * scale + shift and dz = grad_out * silu'(z):
+  // (sum dz, sum dz * (y - mean)) per channel.
+  m.def("bn_silu_backward_reduce(Tensor grad_out, Tensor y, Tensor scale, Tensor shift, Tensor mean) "
+        "-> (Tensor, Tensor)");
+  // grad_y = coef_a[c] * dz + coef_b[c] * y + coef_c[c].
+  m.def("bn_silu_backward(Tensor grad_out, Tensor y, Tensor scale, Tensor shift, Tensor coef_a, "
+        "Tensor coef_b, Tensor coef_c) -> Tensor");
 
   // Squeeze-excitation.
   // (N, C) mean of x over H and W.

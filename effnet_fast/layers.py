@@ -23,11 +23,19 @@ class ConvBNAct(nn.Sequential):
 
 
 class FusedConvBNAct(ConvBNAct):
-    """ConvBNAct whose BatchNorm + SiLU keeps only the conv output for backward."""
+    """ConvBNAct whose BatchNorm + SiLU is one fused op (backend True/'auto' or a backend
+    name) that keeps only the conv output for backward."""
+
+    def __init__(self, *args, backend=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = backend
 
     def forward(self, x):
         y = self.conv(x)
-        return bn_silu(y, self.bn) if hasattr(self, "act") else self.bn(y)
+        return bn_silu(y, self.bn, self.backend) if hasattr(self, "act") else self.bn(y)
+
+    def extra_repr(self):
+        return f"backend={self.backend!r}"
 
 
 class DWConvBNSiLU(nn.Module):

@@ -217,6 +217,6 @@ def _swap(module, cls, backend):
     new = cls.__new__(cls)
     new.__dict__.update(module.__dict__)
     new.__dict__.pop("backend", None)
-    if backend and cls in (FusedDWConvBNSiLU, FusedSqueezeExcitation):
+    if backend and cls in (FusedConvBNAct, FusedDWConvBNSiLU, FusedSqueezeExcitation):
         new.backend = backend
     return new

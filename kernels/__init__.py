@@ -4,8 +4,10 @@ Exports the kernel-level ops of csrc/op_schemas.h with the same signatures, as t
 ops (namespace effnet_fast_triton) so that graphs calling them can be traced. They run on
 CUDA tensors, or on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set
 before this module is imported)."""
-from .ops import (dwconv_bn_silu_backward, dwconv_bn_silu_backward_reduce, dwconv_bn_silu_forward,
+from .ops import (bn_silu_backward, bn_silu_backward_reduce, bn_silu_forward, bn_silu_stats,
+                  dwconv_bn_silu_backward, dwconv_bn_silu_backward_reduce, dwconv_bn_silu_forward,
                   dwconv_bn_silu_stats, se_gate_grad, se_pool, se_scale)
 
 __all__ = ["dwconv_bn_silu_stats", "dwconv_bn_silu_forward", "dwconv_bn_silu_backward_reduce",
-           "dwconv_bn_silu_backward", "se_pool", "se_scale", "se_gate_grad"]
+           "dwconv_bn_silu_backward", "bn_silu_stats", "bn_silu_forward", "bn_silu_backward_reduce",
+           "bn_silu_backward", "se_pool", "se_scale", "se_gate_grad"]

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from effnet_fast.ops.kernel_fakes import register_kernel_fakes
 
+from . import bn_silu as _bn
 from . import dwconv_bn_silu as _dw
 from . import squeeze_excite as _se
 
@@ -35,6 +36,28 @@ def dwconv_bn_silu_backward_reduce(grad_out: Tensor, x: Tensor, weight: Tensor, 
 def dwconv_bn_silu_backward(grad_out: Tensor, x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor,
                             coef_a: Tensor, coef_b: Tensor, coef_c: Tensor, stride: int) -> tuple[Tensor, Tensor]:
     return _dw.dwconv_bn_silu_backward(grad_out, x, weight, scale, shift, coef_a, coef_b, coef_c, stride)
+
+
+@torch.library.custom_op(f"{_NS}::bn_silu_stats", mutates_args=())
+def bn_silu_stats(y: Tensor) -> tuple[Tensor, Tensor]:
+    return _bn.bn_silu_stats(y)
+
+
+@torch.library.custom_op(f"{_NS}::bn_silu_forward", mutates_args=())
+def bn_silu_forward(y: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    return _bn.bn_silu_forward(y, scale, shift)
+
+
+@torch.library.custom_op(f"{_NS}::bn_silu_backward_reduce", mutates_args=())
+def bn_silu_backward_reduce(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor,
+                            mean: Tensor) -> tuple[Tensor, Tensor]:
+    return _bn.bn_silu_backward_reduce(grad_out, y, scale, shift, mean)
+
+
+@torch.library.custom_op(f"{_NS}::bn_silu_backward", mutates_args=())
+def bn_silu_backward(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor, coef_a: Tensor, coef_b: Tensor,
+                     coef_c: Tensor) -> Tensor:
+    return _bn.bn_silu_backward(grad_out, y, scale, shift, coef_a, coef_b, coef_c)
 
 
 @torch.library.custom_op(f"{_NS}::se_pool", mutates_args=())

@@ -26,8 +26,8 @@ def why_cuda_not_expected():
     return None
 
 
-def test_seven_ops_are_declared():
-    assert len(declared_ops()) == 7, declared_ops()
+def test_eleven_ops_are_declared():
+    assert len(declared_ops()) == 11, declared_ops()
 
 
 @pytest.mark.skipif(why_cuda_not_expected() is not None, reason=str(why_cuda_not_expected()))
@@ -71,6 +71,12 @@ def test_emulated_ops_reject_bad_inputs_clearly():
         (lambda: k.se_scale(x, torch.rand(1, 3), None), "gate must have shape"),
         (lambda: k.se_gate_grad(torch.randn(1, 4, 5, 4), x), "grad_out has shape"),
         (lambda: k.se_pool(torch.randn(0, 4, 5, 5)), "x is empty"),
+        (lambda: k.bn_silu_stats(x[0]), "expected y of shape"),
+        (lambda: k.bn_silu_stats(torch.randn(0, 4, 5, 5)), "y is empty"),
+        (lambda: k.bn_silu_stats(x.int()), "unsupported dtype"),
+        (lambda: k.bn_silu_forward(x, v[:3], v), "scale must have shape"),
+        (lambda: k.bn_silu_backward_reduce(torch.randn(1, 4, 4, 4), x, v, v, v), "grad_out has shape"),
+        (lambda: k.bn_silu_backward(x.double(), x, v, v, v, v, v), "grad_out dtype"),
     ]
     for call, message in cases:
         with pytest.raises(RuntimeError, match=message):
@@ -87,10 +93,11 @@ def test_emulated_stats_survive_a_large_offset(channels_last):
         x = x.to(memory_format=torch.channels_last)
     w = torch.zeros(3, 1, 3, 3)
     w[:, :, 1, 1] = 1.0  # identity filter: y = x
-    mean, var = torch.ops.effnet_fast_emu.dwconv_bn_silu_stats(x, w, 1)
     want_var, want_mean = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
-    torch.testing.assert_close(mean.double(), want_mean, rtol=1e-6, atol=0)
-    torch.testing.assert_close(var.double(), want_var, rtol=1e-3, atol=0)
+    emu = torch.ops.effnet_fast_emu
+    for mean, var in (emu.dwconv_bn_silu_stats(x, w, 1), emu.bn_silu_stats(x)):
+        torch.testing.assert_close(mean.double(), want_mean, rtol=1e-6, atol=0)
+        torch.testing.assert_close(var.double(), want_var, rtol=1e-3, atol=0)
 
 
 @needs_emu
@@ -114,6 +121,8 @@ def test_emulated_kernels_split_planes_over_chunks(channels_last):
         (emu.dwconv_bn_silu_backward(g, x, w, scale, shift, ca, cb, cc, 1),
          ref.dwconv_bn_silu_backward(g, x, w, scale, shift, ca, cb, cc, 1)),
         ((emu.se_pool(x), emu.se_gate_grad(g, x)), (ref.se_pool(x), ref.se_gate_grad(g, x))),
+        (emu.bn_silu_stats(x), ref.bn_silu_stats(x)),
+        (emu.bn_silu_backward_reduce(x, x, scale, shift, mean), ref.bn_silu_backward_reduce(x, x, scale, shift, mean)),
     ]
     for got, want in checks:
         for a, e in zip(got, want):

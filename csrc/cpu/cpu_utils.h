@@ -184,6 +184,18 @@ inline double lane_sum(const Vectorized<T>& v) {
   return total;
 }
 
+// Mean and sum of squared deviations, merged with Chan's formula.
+struct MeanM2 {
+  double count = 0, mean = 0, m2 = 0;
+  void merge(double n_b, double mean_b, double m2_b) {
+    if (n_b == 0) return;
+    const double total = count + n_b, delta = mean_b - mean;
+    mean += delta * n_b / total;
+    m2 += m2_b + delta * delta * count * n_b / total;
+    count = total;
+  }
+};
+
 // Zeroes the lanes from `count` on.
 template <typename T>
 inline Vectorized<T> keep_lanes(const Vectorized<T>& v, int64_t count) {

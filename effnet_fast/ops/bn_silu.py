@@ -1,56 +1,108 @@
-"""BatchNorm + SiLU that keeps only its input for backward (memory-efficient SiLU):
-the normalised pre-activation is recomputed in backward instead of being stored.
-Plain torch ops, so it runs on every device; used after the 1x1 convs of the fused model."""
-import torch
-import torch.nn.functional as F
+"""Differentiable BatchNorm + SiLU on top of a backend's kernels, for the outputs of the
+stem, expand and head convs of the fused model.
 
+Forward: training mode computes the batch statistics with one read of y, then
+normalises + SiLU in a second pass (eval mode folds the running statistics: one
+pass). Backward saves only y and per-channel vectors and recomputes the
+pre-activation instead of storing it:
+  pass 1  per-channel sums of dz and dz * (y - mean)        (dz = grad * silu'(z))
+  pass 2  grad_y = a * dz + b * y + c.
+"""
+import torch
+
+from .backends import kernels, resolve_backend
+from .batch_norm import affine_grads, fold, grad_coefficients
+from .common import acc_dtype, as_supported_layout, memory_format_of
 from .common import check_batch_stats, refuse_double_backward, refuse_unsupported_transforms
 
-LAYER = "FusedConvBNAct (fused BatchNorm + SiLU after a conv)"
+LAYER = "FusedConvBNAct (op effnet_fast::bn_silu)"
+
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-class _BNSiLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, weight, bias, running_mean, running_var, training, momentum, eps):
-        z, save_mean, save_invstd = torch.native_batch_norm(y, weight, bias, running_mean, running_var, training,
-                                                            momentum, eps)
-        # Batch statistics in training; in eval copies of the running ones, which a
-        # later training step may update in place before this backward runs.
-        stats = (save_mean, save_invstd) if training else (running_mean.clone(), running_var.clone())
-        ctx.save_for_backward(y, weight, bias, *stats)
-        ctx.training, ctx.eps = training, eps
-        return F.silu(z)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        refuse_double_backward(LAYER)
-        y, weight, bias, stat_a, stat_b = ctx.saved_tensors
-        eps = ctx.eps
-        if ctx.training:  # stat_a, stat_b = batch mean, 1 / sqrt(var + eps)
-            running, saved = (None, None), (stat_a, stat_b)
-            z = torch.native_batch_norm(y, weight, bias, stat_a, stat_b.pow(-2) - eps, False, 0.0, eps)[0]
-        else:  # running mean and variance
-            running, saved = (stat_a, stat_b), (None, None)
-            z = torch.native_batch_norm(y, weight, bias, stat_a, stat_b, False, 0.0, eps)[0]
-        grad_z = torch.ops.aten.silu_backward(grad_out, z)
-        grad_y, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad_z, y, weight, *running, *saved, ctx.training, eps, [True, True, True])
-        return grad_y, grad_weight, grad_bias, None, None, None, None, None
-
-
-def bn_silu(y, bn):
-    """silu(bn(y)) for an nn.BatchNorm2d `bn`, with nn.BatchNorm2d's training semantics."""
-    if y.numel() == 0:
-        return F.silu(bn(y))  # an empty batch (or plane): exactly as the reference
-    refuse_unsupported_transforms(LAYER, y)
+def check_inputs(y, bn_weight, bn_bias):
+    """Raise a ValueError/TypeError naming what is wrong with the inputs."""
     if y.dim() != 4:
-        raise ValueError(f"{LAYER}: expected a 4-D (N, C, H, W) input, got shape {tuple(y.shape)}")
-    training = bn.training or bn.running_mean is None
+        raise ValueError(f"bn_silu: expected a 4-D (N, C, H, W) input, got shape {tuple(y.shape)}")
+    if y.dtype not in DTYPES:
+        raise TypeError(f"bn_silu: unsupported dtype {y.dtype}; supported: {DTYPES}")
+    c = y.shape[1]
+    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias)):
+        if t.device != y.device:
+            raise ValueError(f"bn_silu: {name} is on {t.device}, input on {y.device}")
+        if t.shape != (c,):
+            raise ValueError(f"bn_silu: input has {c} channels but the BatchNorm {name} has shape {tuple(t.shape)}")
+
+
+@torch.library.custom_op("effnet_fast::bn_silu", mutates_args=())
+def bn_silu_op(y: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor, running_mean: torch.Tensor,
+               running_var: torch.Tensor, training: bool, eps: float,
+               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (silu(bn(y)), mean, biased var) where mean/var are the batch statistics
+    in training mode and copies of the running ones in eval mode."""
+    k = kernels(backend)
     if training:
+        mean, var = k.bn_silu_stats(y)
+    else:
+        acc = acc_dtype(y.dtype)
+        mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
+    _, scale, shift = fold(bn_weight, bn_bias, mean, var, eps)
+    return k.bn_silu_forward(y, scale, shift), mean, var
+
+
+@bn_silu_op.register_fake
+def _(y, bn_weight, bn_bias, running_mean, running_var, training, eps, backend):
+    acc = acc_dtype(y.dtype)
+    c = y.shape[1]
+    out = torch.empty_like(y, memory_format=memory_format_of(y))
+    return out, y.new_empty((c,), dtype=acc), y.new_empty((c,), dtype=acc)
+
+
+def _setup_context(ctx, inputs, output):
+    y, bn_weight, bn_bias, _, _, training, eps, backend = inputs
+    _, mean, var = output
+    ctx.save_for_backward(y, bn_weight, bn_bias, mean, var)
+    ctx.training, ctx.eps, ctx.backend = training, eps, backend
+
+
+def _backward(ctx, grad_out, _grad_mean, _grad_var):
+    refuse_double_backward(LAYER)
+    y, bn_weight, bn_bias, mean, var = ctx.saved_tensors
+    k = kernels(ctx.backend)
+    grad_out = grad_out.contiguous(memory_format=memory_format_of(y))
+    invstd, scale, shift = fold(bn_weight, bn_bias, mean, var, ctx.eps)
+    sum_dz, sum_dz_ymu = k.bn_silu_backward_reduce(grad_out, y, scale, shift, mean)
+    count = y.numel() // y.shape[1]
+    coefs = grad_coefficients(scale, invstd, mean, sum_dz, sum_dz_ymu, count, ctx.training)
+    grad_y = k.bn_silu_backward(grad_out, y, scale, shift, *coefs)
+    grad_bn_weight, grad_bn_bias = affine_grads(invstd, sum_dz, sum_dz_ymu, bn_weight, bn_bias)
+    return grad_y, grad_bn_weight, grad_bn_bias, None, None, None, None, None
+
+
+torch.library.register_autograd("effnet_fast::bn_silu", _backward, setup_context=_setup_context)
+
+
+def bn_silu(y, bn, backend=True):
+    """silu(bn(y)) for an nn.BatchNorm2d `bn`, with nn.BatchNorm2d's semantics: batch
+    statistics in training mode (or without running statistics), which update the
+    running ones (momentum None: cumulative average); running statistics in eval
+    mode. `backend`: True/'auto' or a backend name."""
+    from ..layers import update_running_stats  # layers imports this module
+
+    if y.numel() == 0:
+        return torch.nn.functional.silu(bn(y))  # an empty batch (or plane): exactly as the reference
+    refuse_unsupported_transforms(LAYER, y)
+    backend = resolve_backend(backend, y.device)
+    weight = bn.weight if bn.weight is not None else y.new_ones(y.shape[1], dtype=acc_dtype(y.dtype))
+    bias = bn.bias if bn.bias is not None else y.new_zeros(y.shape[1], dtype=acc_dtype(y.dtype))
+    check_inputs(y, weight, bias)
+    use_batch_stats = bn.training or bn.running_mean is None
+    if use_batch_stats:
         check_batch_stats(LAYER, y.shape, bn.eps)
-    momentum = 0.0 if bn.momentum is None else bn.momentum
+    running_mean = bn.running_mean if bn.running_mean is not None else weight.new_zeros(0)
+    running_var = bn.running_var if bn.running_var is not None else weight.new_zeros(0)
+    out, mean, var = bn_silu_op(as_supported_layout(y), weight, bias, running_mean, running_var, use_batch_stats,
+                                bn.eps, backend)
     if bn.training and bn.track_running_stats:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            momentum = 1.0 / float(bn.num_batches_tracked)
-    return _BNSiLU.apply(y, bn.weight, bn.bias, bn.running_mean, bn.running_var, training, momentum, bn.eps)
+        update_running_stats(bn, mean, var, y.numel() // y.shape[1])
+    return out

@@ -10,6 +10,8 @@ weights and per-channel vectors and recomputes the conv output:
 import torch
 
 from .backends import kernels
+from .batch_norm import affine_grads, grad_coefficients
+from .batch_norm import fold as _fold
 from .common import acc_dtype, as_supported_layout, autocast_weight, conv_out_size, memory_format_of
 from .common import autocast_input, check_batch_stats, refuse_double_backward, refuse_unsupported_transforms
 
@@ -43,12 +45,6 @@ def check_inputs(x, weight, bn_weight, bn_bias, stride):
             raise ValueError(f"dwconv_bn_silu: {name} is on {t.device}, input on {x.device}")
     if bn_weight.shape != (c,) or bn_bias.shape != (c,):
         raise ValueError(f"dwconv_bn_silu: BatchNorm weight and bias must have shape ({c},)")
-
-
-def _fold(bn_weight, bn_bias, mean, var, eps):
-    invstd = torch.rsqrt(var + eps)
-    scale = bn_weight.to(mean.dtype) * invstd
-    return invstd, scale, bn_bias.to(mean.dtype) - mean * scale
 
 
 @torch.library.custom_op("effnet_fast::dwconv_bn_silu", mutates_args=())
@@ -91,18 +87,11 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var):
     grad_out = grad_out.contiguous(memory_format=memory_format_of(x))
     invstd, scale, shift = _fold(bn_weight, bn_bias, mean, var, ctx.eps)
     sum_dz, sum_dz_xmu = k.dwconv_bn_silu_backward_reduce(grad_out, x, weight, scale, shift, mean, ctx.stride)
-    if ctx.training:
-        # Batch statistics depend on y: dy = scale * (dz - mean(dz) - xhat * mean(dz * xhat)).
-        count = grad_out.numel() // grad_out.shape[1]
-        coef_a = scale
-        coef_b = -scale * invstd * invstd * sum_dz_xmu / count
-        coef_c = -scale * sum_dz / count - coef_b * mean
-    else:
-        coef_a, coef_b, coef_c = scale, torch.zeros_like(scale), torch.zeros_like(scale)
-    grad_x, grad_weight = k.dwconv_bn_silu_backward(grad_out, x, weight, scale, shift,
-                                                    coef_a, coef_b, coef_c, ctx.stride)
-    grad_bn_weight = (sum_dz_xmu * invstd).to(bn_weight.dtype)
-    return grad_x, grad_weight, grad_bn_weight, sum_dz.to(bn_bias.dtype), None, None, None, None, None, None
+    count = grad_out.numel() // grad_out.shape[1]
+    coefs = grad_coefficients(scale, invstd, mean, sum_dz, sum_dz_xmu, count, ctx.training)
+    grad_x, grad_weight = k.dwconv_bn_silu_backward(grad_out, x, weight, scale, shift, *coefs, ctx.stride)
+    grad_bn_weight, grad_bn_bias = affine_grads(invstd, sum_dz, sum_dz_xmu, bn_weight, bn_bias)
+    return grad_x, grad_weight, grad_bn_weight, grad_bn_bias, None, None, None, None, None, None
 
 
 torch.library.register_autograd("effnet_fast::dwconv_bn_silu", _backward, setup_context=_setup_context)

@@ -63,6 +63,22 @@ def register_kernel_fakes(namespace="effnet_fast"):
     def _(grad_out, x, weight, scale, shift, coef_a, coef_b, coef_c, stride):
         return _like(x), torch.empty_like(weight, memory_format=torch.contiguous_format)
 
+    @fake("bn_silu_stats")
+    def _(y):
+        return _per_channel(y), _per_channel(y)
+
+    @fake("bn_silu_forward")
+    def _(y, scale, shift):
+        return _like(y)
+
+    @fake("bn_silu_backward_reduce")
+    def _(grad_out, y, scale, shift, mean):
+        return _per_channel(y), _per_channel(y)
+
+    @fake("bn_silu_backward")
+    def _(grad_out, y, scale, shift, coef_a, coef_b, coef_c):
+        return _like(y)
+
     @fake("se_pool")
     def _(x):
         return x.new_empty(x.shape[:2], dtype=acc_dtype(x.dtype))

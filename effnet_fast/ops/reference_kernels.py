@@ -69,3 +69,29 @@ def se_scale(x, gate, bias=None):
 def se_gate_grad(grad_out, x):
     acc = acc_dtype(x.dtype)
     return (grad_out.to(acc) * x.to(acc)).sum(dim=(2, 3))
+
+
+def _bn_silu_z(y, scale, shift):
+    ya = y.to(acc_dtype(y.dtype))
+    return ya, ya * _channel(scale) + _channel(shift)
+
+
+def bn_silu_stats(y):
+    var, mean = torch.var_mean(y.to(acc_dtype(y.dtype)), dim=(0, 2, 3), unbiased=False)
+    return mean, var
+
+
+def bn_silu_forward(y, scale, shift):
+    return _like_x(F.silu(_bn_silu_z(y, scale, shift)[1]), y)
+
+
+def bn_silu_backward_reduce(grad_out, y, scale, shift, mean):
+    ya, z = _bn_silu_z(y, scale, shift)
+    dz = grad_out.to(ya.dtype) * _silu_grad(z)
+    return dz.sum(dim=(0, 2, 3)), (dz * (ya - _channel(mean))).sum(dim=(0, 2, 3))
+
+
+def bn_silu_backward(grad_out, y, scale, shift, coef_a, coef_b, coef_c):
+    ya, z = _bn_silu_z(y, scale, shift)
+    dz = grad_out.to(ya.dtype) * _silu_grad(z)
+    return _like_x(_channel(coef_a) * dz + _channel(coef_b) * ya + _channel(coef_c), y)
