@@ -41,7 +41,8 @@ constexpr int64_t kSumBlock = 4096;
 
 // Pixels per channels_last reduction chunk; depends on the shape only.
 int64_t chunk_pixels(int64_t C) {
-  return std::clamp<int64_t>(kTaskElements / C, 16, 1024);
+  // At least 256 pixels: each chunk ends with per-channel work (conversions, divisions).
+  return std::clamp<int64_t>(kTaskElements / C, 256, 1024);
 }
 
 int64_t ceil_div(int64_t a, int64_t b) {
@@ -164,25 +165,33 @@ void backward_reduce_nchw(const scalar_t* grad, const scalar_t* y, const acc_t* 
 // ---------------------------------------------------------------------------
 // Channels_last reductions
 
-// Calls fn(c0, nc, full) for each block of kVecs vectors of channels; `full`
-// (std::true_type) lets whole blocks run without masks.
+// Calls fn(c0, nc, vecs) for each block of up to kVecs vectors of channels
+// [c0, c0 + nc); vecs (a std::integral_constant) is the block's vector count, so
+// the loops over a block's vectors unroll and its accumulators stay in registers.
 template <typename acc_t, typename Fn>
 EFFNET_ALWAYS_INLINE void for_each_channel_block(int64_t C, Fn&& fn) {
-  constexpr int64_t B = kVecs * Vectorized<acc_t>::size();
+  using std::integral_constant;
+  constexpr int64_t V = Vectorized<acc_t>::size(), B = kVecs * V;
+  static_assert(kVecs == 4);
   int64_t c0 = 0;
-  for (; c0 + B <= C; c0 += B) fn(c0, B, std::true_type{});
-  if (c0 < C) fn(c0, C - c0, std::false_type{});
+  for (; c0 + B <= C; c0 += B) fn(c0, B, integral_constant<int, 4>{});
+  const int64_t rest = C - c0;
+  switch ((rest + V - 1) / V) {
+    case 0: return;
+    case 1: return fn(c0, rest, integral_constant<int, 1>{});
+    case 2: return fn(c0, rest, integral_constant<int, 2>{});
+    case 3: return fn(c0, rest, integral_constant<int, 3>{});
+    default: return fn(c0, rest, integral_constant<int, 4>{});
+  }
 }
 
-// Calls fn(j, first channel of vector j within the block, lanes) for the vectors of a block of nc channels.
-template <bool Full, typename acc_t, typename Fn>
+// Calls fn(j, first channel of vector j within the block, lanes) for the NV vectors
+// of a block of nc channels (only the last may be partial).
+template <int NV, typename acc_t, typename Fn>
 EFFNET_ALWAYS_INLINE void for_each_block_vector(int64_t nc, Fn&& fn) {
   constexpr int64_t V = Vectorized<acc_t>::size();
 #pragma GCC unroll 4
-  for (int64_t j = 0; j < kVecs; ++j) {
-    if (!Full && j * V >= nc) break;
-    fn(j, j * V, Full ? V : std::min(V, nc - j * V));
-  }
+  for (int j = 0; j < NV; ++j) fn(j, j * V, j + 1 < NV ? V : nc - j * V);
 }
 
 // Calls fn(task, p0, p1) in parallel for the chunks of pixels of a channels_last reduction.
@@ -210,22 +219,22 @@ void stats_nhwc(const scalar_t* y, const Problem& p, double* part_mean, double* 
   const int64_t C = p.C;
   for_each_chunk(p, [&](int64_t task, int64_t p0, int64_t p1) {
     const double n = double(p1 - p0);
-    for_each_channel_block<acc_t>(C, [&](int64_t c0, int64_t nc, auto full) {
-      constexpr bool Full = decltype(full)::value;
+    for_each_channel_block<acc_t>(C, [&](int64_t c0, int64_t nc, auto vecs) {
+      constexpr int NV = decltype(vecs)::value;
       Vec shift[kVecs], s[kVecs], q[kVecs];
-      for_each_block_vector<Full, acc_t>(nc, [&](int64_t j, int64_t cj, int64_t cnt) {
+      for_each_block_vector<NV, acc_t>(nc, [&](int64_t j, int64_t cj, int64_t cnt) {
         shift[j] = load_acc<acc_t>(y + p0 * C + c0 + cj, cnt);
         s[j] = q[j] = Vec(acc_t(0));
       });
       for (int64_t px = p0; px < p1; ++px) {
         const scalar_t* row = y + px * C + c0;
-        for_each_block_vector<Full, acc_t>(nc, [&](int64_t j, int64_t cj, int64_t cnt) {
+        for_each_block_vector<NV, acc_t>(nc, [&](int64_t j, int64_t cj, int64_t cnt) {
           const Vec d = load_acc<acc_t>(row + cj, cnt) - shift[j];
           s[j] = s[j] + d;
           q[j] = at::vec::fmadd(d, d, q[j]);
         });
       }
-      for_each_block_vector<Full, acc_t>(nc, [&](int64_t j, int64_t cj, int64_t cnt) {
+      for_each_block_vector<NV, acc_t>(nc, [&](int64_t j, int64_t cj, int64_t cnt) {
         __at_align__ acc_t first[V], sum[V], sq[V];
         shift[j].store(first);
         s[j].store(sum);
@@ -247,10 +256,10 @@ void backward_reduce_nhwc(const scalar_t* grad, const scalar_t* y, const acc_t* 
   using Vec = Vectorized<acc_t>;
   const int64_t C = p.C;
   for_each_chunk(p, [&](int64_t task, int64_t p0, int64_t p1) {
-    for_each_channel_block<acc_t>(C, [&](int64_t c0, int64_t nc, auto full) {
-      constexpr bool Full = decltype(full)::value;
+    for_each_channel_block<acc_t>(C, [&](int64_t c0, int64_t nc, auto vecs) {
+      constexpr int NV = decltype(vecs)::value;
       Vec sc[kVecs], sh[kVecs], mu[kVecs], s[kVecs], q[kVecs];
-      for_each_block_vector<Full, acc_t>(nc, [&](int64_t j, int64_t cj, int64_t cnt) {
+      for_each_block_vector<NV, acc_t>(nc, [&](int64_t j, int64_t cj, int64_t cnt) {
         sc[j] = Vec::loadu(scale + c0 + cj, cnt);
         sh[j] = Vec::loadu(shift + c0 + cj, cnt);
         mu[j] = Vec::loadu(mean + c0 + cj, cnt);
@@ -258,14 +267,14 @@ void backward_reduce_nhwc(const scalar_t* grad, const scalar_t* y, const acc_t* 
       });
       for (int64_t px = p0; px < p1; ++px) {
         const int64_t base = px * C + c0;
-        for_each_block_vector<Full, acc_t>(nc, [&](int64_t j, int64_t cj, int64_t cnt) {
+        for_each_block_vector<NV, acc_t>(nc, [&](int64_t j, int64_t cj, int64_t cnt) {
           const Vec yv = load_acc<acc_t>(y + base + cj, cnt);
           const Vec dz = load_acc<acc_t>(grad + base + cj, cnt) * silu_grad(at::vec::fmadd(yv, sc[j], sh[j]));
           s[j] = s[j] + dz;
           q[j] = at::vec::fmadd(dz, yv - mu[j], q[j]);
         });
       }
-      for_each_block_vector<Full, acc_t>(nc, [&](int64_t j, int64_t cj, int64_t cnt) {
+      for_each_block_vector<NV, acc_t>(nc, [&](int64_t j, int64_t cj, int64_t cnt) {
         store_lanes(part_dz + task * C + c0 + cj, s[j], cnt);
         store_lanes(part_dz_ymu + task * C + c0 + cj, q[j], cnt);
       });
