@@ -34,6 +34,7 @@ test-all: install
 bench: install
 	$(PY) benchmarks/bench_dwconv_bn_silu.py
 	$(PY) benchmarks/bench_squeeze_excite.py
+	$(PY) benchmarks/bench_bn_silu.py
 
 bench-model: install
 	$(PY) benchmarks/bench_model.py

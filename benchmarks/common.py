@@ -13,6 +13,9 @@ B0_DWCONV_LAYERS = [
     (32, 112, 3, 1), (96, 112, 3, 2), (144, 56, 3, 1), (144, 56, 5, 2), (240, 28, 5, 1), (240, 28, 3, 2),
     (480, 14, 3, 1), (480, 14, 5, 1), (672, 14, 5, 1), (672, 14, 5, 2), (1152, 7, 5, 1), (1152, 7, 3, 1),
 ]
+# The BatchNorm + SiLU after B0's stem, expand and head convs: (channels, size).
+B0_BN_SILU_LAYERS = [(32, 112), (96, 112), (144, 56), (240, 28), (480, 14), (672, 14), (1152, 7), (1280, 7)]
+
 # The distinct squeeze-excitation shapes of B0: (channels, reduced channels, size).
 B0_SE_LAYERS = [
     (32, 8, 112), (96, 4, 56), (144, 6, 56), (144, 6, 28), (240, 10, 28), (240, 10, 14), (480, 20, 14),
@@ -30,6 +33,13 @@ def copy_bandwidth(nbytes=512 << 20, repeats=5):
     dst = torch.empty_like(src)
     seconds = best_seconds(lambda: dst.copy_(src), repeats, warmup=2)
     return 2 * nbytes / seconds
+
+
+def read_bandwidth(nbytes=512 << 20, repeats=5):
+    """Bytes per second of a sum over a large tensor (one read)."""
+    src = torch.randn(nbytes // 4)
+    seconds = best_seconds(lambda: src.sum(), repeats, warmup=2)
+    return nbytes / seconds
 
 
 def input_tensor(n, c, h, w, channels_last, seed=0):
