@@ -211,41 +211,46 @@ void store_lanes(double* dst, const Vectorized<acc_t>& v, int64_t cnt) {
 }
 
 // Per-chunk mean and M2 of y per channel ([chunks][C] partials), summed
-// relative to the chunk's first pixel.
+// relative to the chunk's first pixel. The chunk is walked in runs of pixels
+// small enough to stay in L1 while each channel block passes over them, so y
+// is read from memory in storage order; a block's accumulators live in
+// registers within a run and in (C,) arrays between runs.
 template <typename scalar_t, typename acc_t>
 void stats_nhwc(const scalar_t* y, const Problem& p, double* part_mean, double* part_m2) {
   using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  const int64_t C = p.C;
+  const int64_t C = p.C, run = std::max<int64_t>(8, (16 << 10) / C);
   for_each_chunk(p, [&](int64_t task, int64_t p0, int64_t p1) {
-    const double n = double(p1 - p0);
-    for_each_channel_block<acc_t>(C, [&](int64_t c0, int64_t nc, auto vecs) {
-      constexpr int NV = decltype(vecs)::value;
-      Vec shift[kVecs], s[kVecs], q[kVecs];
-      for_each_block_vector<NV, acc_t>(nc, [&](int64_t j, int64_t cj, int64_t cnt) {
-        shift[j] = load_acc<acc_t>(y + p0 * C + c0 + cj, cnt);
-        s[j] = q[j] = Vec(acc_t(0));
-      });
-      for (int64_t px = p0; px < p1; ++px) {
-        const scalar_t* row = y + px * C + c0;
+    std::vector<acc_t> first(C), sum(C, acc_t(0)), sq(C, acc_t(0));
+    for (int64_t c = 0; c < C; ++c) first[c] = static_cast<acc_t>(y[p0 * C + c]);
+    for (int64_t r0 = p0; r0 < p1; r0 += run) {
+      const int64_t r1 = std::min(p1, r0 + run);
+      for_each_channel_block<acc_t>(C, [&](int64_t c0, int64_t nc, auto vecs) {
+        constexpr int NV = decltype(vecs)::value;
+        Vec shift[kVecs], s[kVecs], q[kVecs];
         for_each_block_vector<NV, acc_t>(nc, [&](int64_t j, int64_t cj, int64_t cnt) {
-          const Vec d = load_acc<acc_t>(row + cj, cnt) - shift[j];
-          s[j] = s[j] + d;
-          q[j] = at::vec::fmadd(d, d, q[j]);
+          shift[j] = Vec::loadu(first.data() + c0 + cj, cnt);
+          s[j] = Vec::loadu(sum.data() + c0 + cj, cnt);
+          q[j] = Vec::loadu(sq.data() + c0 + cj, cnt);
         });
-      }
-      for_each_block_vector<NV, acc_t>(nc, [&](int64_t j, int64_t cj, int64_t cnt) {
-        __at_align__ acc_t first[V], sum[V], sq[V];
-        shift[j].store(first);
-        s[j].store(sum);
-        q[j].store(sq);
-        for (int64_t l = 0; l < cnt; ++l) {
-          const int64_t idx = task * C + c0 + cj + l;
-          part_mean[idx] = first[l] + double(sum[l]) / n;
-          part_m2[idx] = std::max(0.0, double(sq[l]) - double(sum[l]) * double(sum[l]) / n);
+        for (int64_t px = r0; px < r1; ++px) {
+          const scalar_t* row = y + px * C + c0;
+          for_each_block_vector<NV, acc_t>(nc, [&](int64_t j, int64_t cj, int64_t cnt) {
+            const Vec d = load_acc<acc_t>(row + cj, cnt) - shift[j];
+            s[j] = s[j] + d;
+            q[j] = at::vec::fmadd(d, d, q[j]);
+          });
         }
+        for_each_block_vector<NV, acc_t>(nc, [&](int64_t j, int64_t cj, int64_t cnt) {
+          s[j].store(sum.data() + c0 + cj, cnt);
+          q[j].store(sq.data() + c0 + cj, cnt);
+        });
       });
-    });
+    }
+    const double n = double(p1 - p0);
+    for (int64_t c = 0; c < C; ++c) {
+      part_mean[task * C + c] = first[c] + double(sum[c]) / n;
+      part_m2[task * C + c] = std::max(0.0, double(sq[c]) - double(sum[c]) * double(sum[c]) / n);
+    }
   });
 }
 

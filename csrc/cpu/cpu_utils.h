@@ -122,10 +122,13 @@ inline void store_acc(scalar_t* p, const Vectorized<acc_t>& v, int64_t count = V
   }
 }
 
+// The SiLU helpers below are forced inline: a call per vector in the kernels'
+// inner loops costs more than the math and spills the caller's registers.
+
 // exp for sigmoid: float uses ATen's inlined polynomial (about 1e-6 relative
 // error), which keeps the caller's registers alive across it; double keeps Sleef.
 template <typename T>
-inline Vectorized<T> exp_for_sigmoid(const Vectorized<T>& v) {
+EFFNET_ALWAYS_INLINE Vectorized<T> exp_for_sigmoid(const Vectorized<T>& v) {
   if constexpr (std::is_same_v<T, float>) {
     return v.exp_u20();
   } else {
@@ -136,7 +139,7 @@ inline Vectorized<T> exp_for_sigmoid(const Vectorized<T>& v) {
 // 1 / d for d >= 1: float uses the reciprocal estimate refined by one Newton
 // step (a few ulp) instead of a division, which is slow on wide vectors.
 template <typename T>
-inline Vectorized<T> reciprocal(const Vectorized<T>& d) {
+EFFNET_ALWAYS_INLINE Vectorized<T> reciprocal(const Vectorized<T>& d) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, float>) {
     const __m512 r = _mm512_rcp14_ps(d);
@@ -149,26 +152,26 @@ inline Vectorized<T> reciprocal(const Vectorized<T>& d) {
 // exp(-z) is clamped at exp(80) so that 1 + exp(-z) stays finite (the fast exp
 // and reciprocal give NaN on infinity); sigmoid(-80) is 2e-35 either way.
 template <typename T>
-inline Vectorized<T> sigmoid(const Vectorized<T>& z) {
+EFFNET_ALWAYS_INLINE Vectorized<T> sigmoid(const Vectorized<T>& z) {
   const Vectorized<T> neg_z = at::vec::minimum(z.neg(), Vectorized<T>(T(80)));
   return reciprocal(Vectorized<T>(T(1)) + exp_for_sigmoid(neg_z));
 }
 
 // NaN at z = -inf, as torch gives (the clamp in sigmoid would make it -inf).
 template <typename T>
-inline Vectorized<T> nan_at_minus_inf(const Vectorized<T>& v, const Vectorized<T>& z) {
+EFFNET_ALWAYS_INLINE Vectorized<T> nan_at_minus_inf(const Vectorized<T>& v, const Vectorized<T>& z) {
   const Vectorized<T> minus_inf(-std::numeric_limits<T>::infinity());
   return Vectorized<T>::blendv(v, Vectorized<T>(std::numeric_limits<T>::quiet_NaN()), z == minus_inf);
 }
 
 template <typename T>
-inline Vectorized<T> silu(const Vectorized<T>& z) {
+EFFNET_ALWAYS_INLINE Vectorized<T> silu(const Vectorized<T>& z) {
   return nan_at_minus_inf(z * sigmoid(z), z);
 }
 
 // d silu(z) / dz = s * (1 + z * (1 - s)) with s = sigmoid(z).
 template <typename T>
-inline Vectorized<T> silu_grad(const Vectorized<T>& z) {
+EFFNET_ALWAYS_INLINE Vectorized<T> silu_grad(const Vectorized<T>& z) {
   const Vectorized<T> one(T(1));
   const Vectorized<T> s = sigmoid(z);
   return nan_at_minus_inf(s * at::vec::fmadd(z, one - s, one), z);
