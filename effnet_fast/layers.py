@@ -4,7 +4,10 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .ops import dwconv_bn_silu_fn, resolve_backend, squeeze_excite_fn, squeeze_excite_project_fn
+from .ops import dwconv_bn_silu_fn, folded, kernels, resolve_backend, squeeze_excite_fn, squeeze_excite_project_fn
+from .ops.common import as_supported_layout
+from .ops.dwconv_bn_silu import check_inputs
+from .ops.squeeze_excite import check_inputs as check_se_inputs, se_gate
 from .ops.bn_silu import bn_silu
 
 
@@ -25,6 +28,8 @@ class FusedConvBNAct(ConvBNAct):
     """ConvBNAct whose BatchNorm + SiLU keeps only the conv output for backward."""
 
     def forward(self, x):
+        if folded.applies(self, x) and x.numel():
+            return folded.conv_bn_act(self, x)
         y = self.conv(x)
         return bn_silu(y, self.bn) if hasattr(self, "act") else self.bn(y)
 
@@ -50,6 +55,11 @@ class FusedDWConvBNSiLU(DWConvBNSiLU):
         self.backend = backend
 
     def forward(self, x):
+        if folded.onednn_ok(x) and folded.applies(self, x) and x.numel():
+            # oneDNN's depthwise conv with the BN folded and SiLU as a post-op runs faster
+            # than the fused kernel on this path (docs/PERFORMANCE.md).
+            check_inputs(x, self.conv.weight, self.bn.weight, self.bn.bias, self.conv.stride[0])
+            return folded.conv_bn_act(self, x, act=True)
         bn = self.bn
         use_batch_stats = self.training or bn.running_mean is None
         running_mean = bn.running_mean if bn.running_mean is not None else bn.weight.new_zeros(0)
@@ -103,6 +113,15 @@ class FusedSqueezeExcitation(SqueezeExcitation):
         return squeeze_excite_project_fn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                                          conv.weight, resolve_backend(self.backend, x.device))
 
+    def forward_project_folded(self, x, project, residual):
+        """project(self(x)) (+ residual) in eval mode, the projection BN folded and the gate
+        folded into the projection weights (effnet_fast.ops.folded.se_project)."""
+        w1, b1, w2, b2 = self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
+        check_se_inputs(x, w1, b1, w2, b2)
+        k = kernels(resolve_backend(self.backend, x.device))
+        x = as_supported_layout(x)
+        return folded.se_project(x, se_gate(k.se_pool(x), w1, b1, w2, b2), project, residual, k.se_scale)
+
     def extra_repr(self):
         return f"backend={self.backend!r}"
 
@@ -143,6 +162,8 @@ class MBConv(nn.Module):
 
     def forward(self, x):
         out = self.dw(x if self.expand is None else self.expand(x))
+        if isinstance(self.se, FusedSqueezeExcitation) and folded.applies(self, x) and out.numel():
+            return self.se.forward_project_folded(out, self.project, x if self.use_residual else None)
         if isinstance(self.se, FusedSqueezeExcitation):
             out = self.project.bn(self.se.forward_project(out, self.project.conv))
         else:
