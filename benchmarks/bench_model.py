@@ -1,28 +1,26 @@
-"""Whole EfficientNet: eval forward, training step and saved-for-backward bytes,
-reference (eager) vs fused vs torch.compile, measured in one run: the models take turns,
-and each row is the median of its turns.
+"""Whole EfficientNet against what a user would run instead, measured in one run: the
+candidates take turns, each row is the median of its turns, and every candidate's
+output is checked against eager PyTorch before timing.
 
-  python benchmarks/bench_model.py [--version b0] [--batch 16] [--compile] [--fused cpu]
-  pytest benchmarks/bench_model.py --benchmark-enable      (pytest-benchmark rows)
+Eval rows (on copies of one model whose BN statistics are calibrated as in a trained
+model; see effnet_fast.benchmark.calibrate_bn): eager NCHW and channels_last, fused
+channels_last (BN folded), and optionally torch.compile (default and with freezing),
+ONNX Runtime and OpenVINO on the exported reference model. Training rows (SGD step,
+cross-entropy, separate copies): eager NCHW and channels_last, fused, torch.compile.
+
+  python benchmarks/bench_model.py [--version b0] [--batch 16] [--size N] [--compile] [--onnx]
+  python benchmarks/bench_model.py --profile          (where the fused eval forward spends its time)
 """
 import argparse
+import copy
+import os
 import sys
+import tempfile
 
-import pytest
 import torch
 
 from effnet_fast import EfficientNet
-from effnet_fast.benchmark import eval_forward, train_step, wall_times
-
-
-def make(version, fused, channels_last, compile_mode=False, seed=0):
-    torch.manual_seed(seed)
-    model = EfficientNet(version, fused=fused)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    run = torch.compile(model) if compile_mode else model
-    return model, run, opt
+from effnet_fast.benchmark import calibrate_bn, eval_forward, train_step, wall_times
 
 
 def inputs(batch, size, channels_last, seed=1):
@@ -50,79 +48,154 @@ def saved_bytes(model, x):
     return sum(seen.values())
 
 
+def variant(base, fused, channels_last):
+    model = copy.deepcopy(base).set_fused(fused)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def compiled(model, freezing):
+    import torch._inductor.config as inductor_config
+    inductor_config.freezing = freezing
+    run = torch.compile(model)
+    return run
+
+
+def onnx_runner(model, x, engine):
+    """A callable running the exported reference model in ONNX Runtime or OpenVINO with
+    torch's thread count, or (None, reason)."""
+    threads = torch.get_num_threads()
+    path = os.path.join(tempfile.mkdtemp(), "model.onnx")
+    try:
+        if engine == "onnxruntime":
+            import onnxruntime as ort
+        else:
+            import openvino as ov
+    except ImportError as exc:
+        return None, f"not installed ({exc})"
+    torch.onnx.export(model.eval(), (x.contiguous(),), path, dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y"])
+    if engine == "onnxruntime":
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        return (lambda a: torch.from_numpy(session.run(None, {"x": a.contiguous().numpy()})[0])), \
+            f"onnxruntime {ort.__version__}, {threads} intra-op threads"
+    core = ov.Core()
+    net = core.compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
+    request = net.create_infer_request()
+    return (lambda a: torch.from_numpy(request.infer({0: a.contiguous().numpy()})[0].copy())), \
+        f"openvino {ov.__version__}, {threads} threads, f32"
+
+
+def eval_candidates(args, base, x_nchw, x_cl):
+    """[(label, fn)] for the eval rows; each fn runs one no-grad forward."""
+    rows = [("eager NCHW", variant(base, False, False), x_nchw),
+            ("eager channels_last", variant(base, False, True), x_cl),
+            (f"fused={args.fused} channels_last", variant(base, args.fused, True), x_cl)]
+    out = [(label, (lambda m=m, x=x: eval_forward(m, x))) for label, m, x in rows]
+    if args.compile:
+        for label, freezing in (("torch.compile", False), ("torch.compile, freezing", True)):
+            m = variant(base, False, True).eval()
+            run = compiled(m, freezing)
+            out.append((label, (lambda m=m, run=run: eval_forward(m, x_cl, run))))
+        import torch._inductor.config as inductor_config
+        inductor_config.freezing = False
+    if args.onnx:
+        for engine in ("onnxruntime", "openvino"):
+            run, info = onnx_runner(copy.deepcopy(base), x_nchw, engine)
+            if run is None:
+                print(f"  {engine}: skipped, {info}")
+                continue
+            print(f"  {engine}: {info}")
+            out.append((engine, (lambda run=run: run(x_nchw))))
+    return out
+
+
+def train_candidates(args, base, x_nchw, x_cl, y):
+    out = []
+    configs = [("eager NCHW", False, False), ("eager channels_last", False, True),
+               (f"fused={args.fused} channels_last", args.fused, True)]
+    for label, fused, cl in configs:
+        m = variant(base, fused, cl)
+        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+        x = x_cl if cl else x_nchw
+        out.append((label, (lambda m=m, opt=opt, x=x: train_step(m, opt, x, y)), saved_bytes(m, x)))
+    if args.compile:
+        m = variant(base, False, True)
+        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+        run = torch.compile(m)
+        out.append(("torch.compile", (lambda: train_step(m, opt, x_cl, y, run)), float("nan")))
+    return out
+
+
+def in_turns(fns, repeats):
+    """Median seconds of each fn, the fns taking turns so that drift spreads evenly."""
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            ts.append(wall_times(fn, 1, warmup=0)[0])
+    return [sorted(ts)[len(ts) // 2] for ts in times]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", default="b0")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--size", type=int, default=None, help="input size (default: the variant's resolution)")
     p.add_argument("--fused", default="cpu")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--compile", action="store_true", help="add torch.compile rows (compiles for minutes on a CPU)")
+    p.add_argument("--onnx", action="store_true", help="add ONNX Runtime and OpenVINO eval rows (when installed)")
+    p.add_argument("--no-train", action="store_true", help="eval rows only")
     p.add_argument("--profile", action="store_true", help="only profile one eval forward of the fused model")
     args = p.parse_args(argv)
+    torch.manual_seed(0)
+    base = EfficientNet(args.version)
+    size = args.size or base.resolution
+    x_nchw, y = inputs(args.batch, size, False)
+    x_cl = x_nchw.to(memory_format=torch.channels_last)
+    calibrate_bn(base, x_nchw)
     if args.profile:
-        return profile_eval(args)
-    print(f"{args.version}, batch {args.batch}, {args.size}x{args.size}, float32, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
-    configs = [("eager", False, False, False), ("eager", False, True, False),
-               (f"fused={args.fused}", args.fused, False, False), (f"fused={args.fused}", args.fused, True, False)]
-    if args.compile:
-        configs += [("torch.compile", False, True, True)]
-    runs = []
-    for label, fused, cl, comp in configs:
-        model, run, opt = make(args.version, fused, cl, comp)
-        x, y = inputs(args.batch, args.size, cl)
-        fwd, step = (lambda: eval_forward(model, x, run)), (lambda: train_step(model, opt, x, y, run))
-        fwd(), step()  # warm-up (and compilation)
-        runs.append((label, "channels_last" if cl else "NCHW", fwd, step,
-                     float("nan") if comp else saved_bytes(model, x)))
-        print(f"  built {label} {'NHWC' if cl else 'NCHW'}", file=sys.stderr)
-    # Round-robin over the models, so that the machine's drift spreads evenly over them.
-    times = [([], []) for _ in runs]
-    for _ in range(args.repeats):
-        for (_, _, fwd, step, _), (fwd_times, step_times) in zip(runs, times):
-            fwd_times.append(wall_times(fwd, 1, warmup=0)[0])
-            step_times.append(wall_times(step, 1, warmup=0)[0])
-    median = lambda ts: sorted(ts)[len(ts) // 2]  # noqa: E731
-    rows = [(label, layout, median(f), median(s), nbytes)
-            for (label, layout, _, _, nbytes), (f, s) in zip(runs, times)]
-    base_fwd, base_step, base_bytes = rows[0][2], rows[0][3], rows[0][4]
-    print(f"{'model':<18}{'layout':<15}{'eval fwd ms':>12}{'x eager':>9}{'train step ms':>15}{'x eager':>9}"
+        return profile_eval(variant(base, args.fused, True), x_cl)
+    print(f"{args.version}, batch {args.batch}, {size}x{size}, float32, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, median of {args.repeats} in turns")
+
+    evals = eval_candidates(args, base, x_nchw, x_cl)
+    expected = eval_forward(variant(base, False, False), x_nchw)
+    print(f"  eager output: mean |y| {expected.abs().mean():.3g}, max |y| {expected.abs().max():.3g}")
+    diffs = []
+    for label, fn in evals:
+        fn()  # warm-up (and compilation)
+        diffs.append((fn() - expected).abs().max().item())
+        print(f"  ready: {label}", file=sys.stderr)
+    times = in_turns([fn for _, fn in evals], args.repeats)
+    print(f"\n{'eval forward':<32}{'ms':>9}{'x eager NCHW':>14}{'x eager CL':>12}{'max |diff|':>12}")
+    for (label, _), t, d in zip(evals, times, diffs):
+        print(f"{label:<32}{t * 1e3:>9.1f}{times[0] / t:>14.2f}{times[1] / t:>12.2f}{d:>12.2e}")
+
+    if args.no_train:
+        return
+    trains = train_candidates(args, base, x_nchw, x_cl, y)
+    losses = []
+    for label, fn, _ in trains:
+        losses.append(float(fn()))  # first step from the same weights: the losses must agree
+        fn()
+        print(f"  ready: {label}", file=sys.stderr)
+    times = in_turns([fn for _, fn, _ in trains], args.repeats)
+    base_bytes = trains[0][2]
+    print(f"\n{'training step':<32}{'ms':>9}{'x eager NCHW':>14}{'x eager CL':>12}{'first loss':>12}"
           f"{'saved MiB':>11}{'vs eager':>10}")
-    for label, layout, fwd, step, nbytes in rows:
-        print(f"{label:<18}{layout:<15}{fwd * 1e3:>12.1f}{base_fwd / fwd:>9.2f}{step * 1e3:>15.1f}"
-              f"{base_step / step:>9.2f}{nbytes / 2**20:>11.1f}{(nbytes / base_bytes - 1) * 100:>9.1f}%")
-    print("(x eager: speedup over eager NCHW; vs eager: saved-for-backward bytes relative to eager NCHW)")
+    for (label, _, nbytes), t, loss in zip(trains, times, losses):
+        print(f"{label:<32}{t * 1e3:>9.1f}{times[0] / t:>14.2f}{times[1] / t:>12.2f}{loss:>12.5f}"
+              f"{nbytes / 2**20:>11.1f}{(nbytes / base_bytes - 1) * 100:>9.1f}%")
 
 
-def profile_eval(args):
+def profile_eval(model, x):
     """Where the fused model's eval forward spends its time (channels_last), by op."""
-    model, _, _ = make(args.version, args.fused, True)
-    x, _ = inputs(args.batch, args.size, True)
     eval_forward(model, x)
     with torch.profiler.profile() as prof:
         eval_forward(model, x)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
-
-
-LAYOUTS = [pytest.param(False, id="nchw"), pytest.param(True, id="channels_last")]
-MODELS = [pytest.param(False, id="eager"), pytest.param("cpu", id="fused_cpu")]
-
-
-@pytest.mark.parametrize("channels_last", LAYOUTS)
-@pytest.mark.parametrize("fused", MODELS)
-def test_b0_eval_forward(benchmark, fused, channels_last):
-    model, run, _ = make("b0", fused, channels_last)
-    x, _ = inputs(16, 224, channels_last)
-    benchmark.pedantic(eval_forward, args=(model, x, run), rounds=3, warmup_rounds=1)
-
-
-@pytest.mark.parametrize("channels_last", LAYOUTS)
-@pytest.mark.parametrize("fused", MODELS)
-def test_b0_train_step(benchmark, fused, channels_last):
-    model, run, opt = make("b0", fused, channels_last)
-    x, y = inputs(16, 224, channels_last)
-    benchmark.pedantic(train_step, args=(model, opt, x, y, run), rounds=3, warmup_rounds=1)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
 if __name__ == "__main__":

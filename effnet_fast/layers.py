@@ -4,9 +4,11 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .ops import dwconv_bn_silu_fn, resolve_backend, squeeze_excite_fn, squeeze_excite_project_fn
+from .ops import dwconv_bn_silu_fn, folded, kernels, resolve_backend, squeeze_excite_fn, squeeze_excite_project_fn
 from .ops.bn_silu import bn_silu
-from .ops.common import REFERENCE_HINT, acc_dtype
+from .ops.common import REFERENCE_HINT, acc_dtype, as_supported_layout
+from .ops.dwconv_bn_silu import check_inputs
+from .ops.squeeze_excite import check_inputs as check_se_inputs, se_gate
 
 
 class ConvBNAct(nn.Sequential):
@@ -31,6 +33,8 @@ class FusedConvBNAct(ConvBNAct):
         self.backend = backend
 
     def forward(self, x):
+        if folded.applies(self, x) and x.numel():
+            return folded.conv_bn_act(self, x)
         y = self.conv(x)
         return bn_silu(y, self.bn, self.backend) if hasattr(self, "act") else self.bn(y)
 
@@ -63,6 +67,11 @@ class FusedDWConvBNSiLU(DWConvBNSiLU):
             return super().forward(x)  # an empty batch (or plane): exactly as the reference
         check_conv_settings(self, self.conv, stride=self.conv.stride[0], padding=self.conv.kernel_size[0] // 2,
                             groups=self.conv.in_channels, bias=False)
+        if folded.onednn_ok(x) and folded.applies(self, x):
+            # oneDNN's depthwise conv with the BN folded and SiLU as a post-op runs faster
+            # than the fused kernel on this path (docs/PERFORMANCE.md).
+            check_inputs(x, self.conv.weight, *affine_or_identity(self.bn, x), self.conv.stride[0])
+            return folded.conv_bn_act(self, x, act=True)
         bn = self.bn
         weight, bias = affine_or_identity(bn, x)
         use_batch_stats = bn.training or bn.running_mean is None  # the BatchNorm's mode, as the reference
@@ -147,6 +156,17 @@ class FusedSqueezeExcitation(SqueezeExcitation):
         return squeeze_excite_project_fn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                                          conv.weight, resolve_backend(self.backend, x.device))
 
+    def forward_project_folded(self, x, project, residual):
+        """project(self(x)) (+ residual) in eval mode, the projection BN folded and the gate
+        folded into the projection weights (effnet_fast.ops.folded.se_project)."""
+        self._check_fc_settings()
+        check_conv_settings(self, project.conv, stride=1, padding=0, groups=1, bias=False)
+        w1, b1, w2, b2 = self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
+        check_se_inputs(x, w1, b1, w2, b2)
+        k = kernels(resolve_backend(self.backend, x.device))
+        x = as_supported_layout(x)
+        return folded.se_project(x, se_gate(k.se_pool(x), w1, b1, w2, b2), project, residual, k.se_scale)
+
     def _check_fc_settings(self):
         for fc in (self.fc1, self.fc2):
             check_conv_settings(self, fc, stride=1, padding=0, groups=1, bias=True)
@@ -191,6 +211,8 @@ class MBConv(nn.Module):
 
     def forward(self, x):
         out = self.dw(x if self.expand is None else self.expand(x))
+        if isinstance(self.se, FusedSqueezeExcitation) and folded.applies(self, x) and out.numel():
+            return self.se.forward_project_folded(out, self.project, x if self.use_residual else None)
         if isinstance(self.se, FusedSqueezeExcitation):
             out = self.project.bn(self.se.forward_project(out, self.project.conv))
         else:

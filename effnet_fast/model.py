@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .ops import folded
 from .layers import (ConvBNAct, DWConvBNSiLU, FusedConvBNAct, FusedDWConvBNSiLU, FusedSqueezeExcitation,
                      MBConv, SqueezeExcitation)
 
@@ -179,6 +180,8 @@ class EfficientNet(nn.Module):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"EfficientNet expects {self.in_channels} input channels, got {x.shape[1]} "
                              f"(input shape {tuple(x.shape)})")
+        if self.fused and folded.applies(self, x):
+            return folded.run_in_chunks(self, [self.stem, *self.blocks, self.head], x)
         return self.head(self.blocks(self.stem(x)))
 
     def forward(self, x):

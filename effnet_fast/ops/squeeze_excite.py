@@ -44,6 +44,11 @@ def _gate_parts(pooled, w1, b1, w2, b2):
     return a1, s1, gate
 
 
+def se_gate(pooled, w1, b1, w2, b2):
+    """sigmoid(fc2(silu(fc1(pooled)))): the (N, C) gate, in pooled's dtype."""
+    return _gate_parts(pooled, w1, b1, w2, b2)[2]
+
+
 @torch.library.custom_op("effnet_fast::squeeze_excite", mutates_args=())
 def squeeze_excite(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:

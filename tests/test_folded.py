@@ -1,0 +1,187 @@
+"""The eval path of the fused model with every BatchNorm folded (effnet_fast.ops.folded):
+same answers as the reference, no stale folded weights, nothing in state_dict, and the
+training path back exactly when the model is switched to train()."""
+import copy
+import pickle
+
+import pytest
+import torch
+
+from effnet_fast import EfficientNet
+from effnet_fast.benchmark import calibrate_bn
+from effnet_fast.ops import build_info, folded
+
+from test_model import randomize
+
+pytestmark = pytest.mark.skipif(not build_info()["cpu"], reason="the CPU kernels are not built")
+
+
+def pair(version="b0", seed=0, channels_last=True, size=64):
+    """(reference, fused) copies of one model with random weights and BN affine parameters,
+    its BN statistics calibrated on random images (as in a trained model: random statistics
+    make the activations of a deep variant grow without bound), in eval mode."""
+    torch.manual_seed(seed)
+    ref = randomize(EfficientNet(version, num_classes=10), seed)
+    calibrate_bn(ref, torch.randn(4, 3, size, size))
+    ref.eval()
+    fused = copy.deepcopy(ref).set_fused("cpu")
+    if channels_last:
+        ref, fused = (m.to(memory_format=torch.channels_last) for m in (ref, fused))
+    return ref, fused
+
+
+def image(n=2, size=64, channels_last=True, seed=1):
+    x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return x.to(memory_format=torch.channels_last) if channels_last else x
+
+
+def close(actual, expected, msg=""):
+    """float32 agreement through a whole network: folding rounds differently, and deep
+    layers amplify it; a wrong or stale weight gives errors of the output's own size."""
+    atol = 1e-3 * max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=1e-3, msg=lambda m: f"{msg}{m}")
+
+
+def runs_folded(model, x):
+    """True when the model's eval forward takes the folded path (the fold cache fills)."""
+    folded._cache.clear()
+    with torch.no_grad():
+        model(x)
+    return any(m in folded._cache for m in model.modules())
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+@pytest.mark.parametrize("version", ["b0", pytest.param("b3", marks=pytest.mark.slow),
+                                     pytest.param("b7", marks=pytest.mark.slow)])
+def test_folded_eval_matches_reference(version, channels_last):
+    ref, fused = pair(version, channels_last=channels_last)
+    x = image(channels_last=channels_last)
+    assert runs_folded(fused, x)
+    with torch.no_grad():
+        close(fused(x), ref(x))
+    with torch.inference_mode():
+        close(fused(x), ref(x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", ["b1", "b2", "b4", "b5", "b6"])
+def test_folded_eval_matches_reference_every_variant(version):
+    ref, fused = pair(version)
+    x = image(size=48)
+    with torch.no_grad():
+        close(fused(x), ref(x))
+
+
+@pytest.mark.parametrize("pixels", [0, 1 << 30], ids=["gate_in_weights", "scale_then_conv"])
+def test_both_projection_paths(monkeypatch, pixels):
+    monkeypatch.setattr(folded, "PER_SAMPLE_GEMM_PIXELS", pixels)
+    for channels_last in (True, False):
+        ref, fused = pair(channels_last=channels_last)
+        x = image(channels_last=channels_last)
+        with torch.no_grad():
+            close(fused(x), ref(x), f"channels_last={channels_last}: ")
+
+
+def test_batch_chunks_give_the_same_answer(monkeypatch):
+    ref, fused = pair()
+    x = image(n=5)
+    monkeypatch.setattr(folded, "CHUNK_BYTES", 1)  # every stage one sample at a time
+    with torch.no_grad():
+        plan = folded._chunk_plan([fused.stem, *fused.blocks, fused.head], x)
+        assert {chunks for chunks, _ in plan} == {5}
+        close(fused(x), ref(x))
+
+
+def test_parameter_changed_in_place_is_seen(monkeypatch):
+    ref, fused = pair()
+    x = image()
+    with torch.no_grad():
+        fused(x)  # fills the cache
+        for model in (ref, fused):
+            model.stem.conv.weight.mul_(1.5)
+            model.blocks[1][0].expand.bn.running_var.mul_(2.0)
+            model.blocks[1][0].dw.bn.bias.add_(0.3)
+            model.blocks[2][1].project.bn.running_mean.add_(0.2)
+            model.head.bn.weight.mul_(0.5)
+        close(fused(x), ref(x), "after in-place edits: ")
+        fused.load_state_dict(randomize(copy.deepcopy(ref), seed=5).state_dict())
+        ref.load_state_dict(fused.state_dict())
+        close(fused(x), ref(x), "after load_state_dict: ")
+
+
+def test_folded_weights_are_not_state():
+    ref, fused = pair()
+    keys = list(ref.state_dict())
+    with torch.no_grad():
+        fused(image())
+    assert list(fused.state_dict()) == keys
+    copy.deepcopy(fused)
+    pickle.loads(pickle.dumps(fused))
+
+
+def test_train_eval_switching():
+    ref, fused = pair()
+    x = image(n=4)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
+    opt_fused = torch.optim.SGD(fused.parameters(), lr=0.1)
+    for step in range(2):
+        with torch.no_grad():
+            close(fused.eval()(x), ref.eval()(x), f"eval before step {step}: ")
+        for model, opt in ((ref, opt_ref), (fused, opt_fused)):
+            model.train()
+            for m in model.modules():  # deterministic training forward
+                if hasattr(m, "p"):
+                    m.p = 0.0
+            model.dropout.p = 0.0
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        for (name, a), b in zip(ref.state_dict().items(), fused.state_dict().values()):
+            close(b, a, f"{name} after step {step}: ")
+
+
+def test_eval_with_gradients_falls_back_to_the_differentiable_path():
+    ref, fused = pair()
+    x = image()
+    x_ref, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ref, out_fused = ref(x_ref), fused(x_fused)
+    close(out_fused, out_ref)
+    out_ref.sum().backward()
+    out_fused.sum().backward()
+    close(x_fused.grad, x_ref.grad, "input grad: ")
+    for (name, a), b in zip(ref.named_parameters(), fused.parameters()):
+        close(b.grad, a.grad, f"{name}.grad: ")
+
+
+def test_compiled_eval_matches_reference():
+    ref, fused = pair()
+    x = image()
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, backend="aot_eager")
+    with torch.no_grad():
+        close(compiled(x), ref(x))
+
+
+def test_batch_norm_left_in_training_mode_is_not_folded():
+    ref, fused = pair()
+    x = image(n=4)
+    for model in (ref, fused):
+        model.blocks[1][0].dw.bn.train()  # batch statistics in an otherwise eval model
+        model.blocks[2][0].expand.bn.train()
+    with torch.no_grad():
+        close(fused(x), ref(x))
+
+
+def test_batch_norm_without_affine_parameters():
+    torch.manual_seed(0)
+    ref = EfficientNet("b0", num_classes=10)
+    for block in ref.blocks[1]:
+        for layer in (block.expand, block.dw, block.project):
+            layer.bn = torch.nn.BatchNorm2d(layer.bn.num_features, affine=False)
+    calibrate_bn(ref, torch.randn(4, 3, 64, 64))
+    ref.eval()
+    fused = copy.deepcopy(ref).set_fused("cpu")
+    x = image()
+    assert runs_folded(fused, x)
+    with torch.no_grad():
+        close(fused(x), ref(x))
