@@ -53,11 +53,16 @@ def variant(base, fused, channels_last):
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def compiled(model, freezing):
+def compiled_eval(model, x, freezing):
+    """A no-grad forward of torch.compile(model), compiled with inductor's freezing (BN
+    folding, prepacked weights) on or off: the setting applies when the first call compiles."""
     import torch._inductor.config as inductor_config
-    inductor_config.freezing = freezing
     run = torch.compile(model)
-    return run
+
+    def forward():
+        with inductor_config.patch(freezing=freezing):
+            return eval_forward(model, x, run)
+    return forward
 
 
 def onnx_runner(model, x, engine):
@@ -95,11 +100,7 @@ def eval_candidates(args, base, x_nchw, x_cl):
     out = [(label, (lambda m=m, x=x: eval_forward(m, x))) for label, m, x in rows]
     if args.compile:
         for label, freezing in (("torch.compile", False), ("torch.compile, freezing", True)):
-            m = variant(base, False, True).eval()
-            run = compiled(m, freezing)
-            out.append((label, (lambda m=m, run=run: eval_forward(m, x_cl, run))))
-        import torch._inductor.config as inductor_config
-        inductor_config.freezing = False
+            out.append((label, compiled_eval(variant(base, False, True).eval(), x_cl, freezing)))
     if args.onnx:
         for engine in ("onnxruntime", "openvino"):
             run, info = onnx_runner(copy.deepcopy(base), x_nchw, engine)
@@ -178,7 +179,7 @@ def main(argv=None):
     trains = train_candidates(args, base, x_nchw, x_cl, y)
     losses = []
     for label, fn, _ in trains:
-        losses.append(float(fn()))  # first step from the same weights: the losses must agree
+        losses.append(fn().item())  # first step from the same weights: the losses must agree
         fn()
         print(f"  ready: {label}", file=sys.stderr)
     times = in_turns([fn for _, fn, _ in trains], args.repeats)

@@ -43,9 +43,12 @@ def _cached(module, sources, build, extra=()):
 
 def applies(module, x):
     """True when `module` may run folded on `x`: it and every submodule in eval mode, each
-    BatchNorm with running statistics, no gradient needed, and not being traced by
-    torch.compile (which folds itself)."""
-    if module.training or torch.compiler.is_compiling():
+    BatchNorm with running statistics, no gradient needed, not under autocast (which
+    picks the convolutions' dtype), and no transform looking on (torch.compile folds
+    by itself; jit.trace and vmap get the fused layers' own errors)."""
+    if module.training or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if torch.is_autocast_enabled(x.device.type) or torch._C._functorch.is_batchedtensor(x):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())):
         return False
@@ -170,6 +173,8 @@ def _conv_out(size, conv, dim):
 
 def _chunk_plan(stages, x):
     """[(number of chunks, [modules])]: consecutive stages run on the same batch chunks."""
+    if x.device.type != "cpu":  # a GPU wants the whole batch at once
+        return [(1, list(stages))]
     n, height, width = x.shape[0], x.shape[2], x.shape[3]
     plan = []
     for stage in stages:
