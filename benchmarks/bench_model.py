@@ -54,15 +54,13 @@ def variant(base, fused, channels_last):
 
 
 def compiled_eval(model, x, freezing):
-    """A no-grad forward of torch.compile(model), compiled with inductor's freezing (BN
-    folding, prepacked weights) on or off: the setting applies when the first call compiles."""
+    """A no-grad forward of torch.compile(model), compiled (now, by a first call) with
+    inductor's freezing (BN folding, prepacked weights) on or off."""
     import torch._inductor.config as inductor_config
     run = torch.compile(model)
-
-    def forward():
-        with inductor_config.patch(freezing=freezing):
-            return eval_forward(model, x, run)
-    return forward
+    with inductor_config.patch(freezing=freezing):
+        eval_forward(model, x, run)
+    return lambda: eval_forward(model, x, run)
 
 
 def onnx_runner(model, x, engine):

@@ -12,6 +12,7 @@
 // Reductions keep partials per plane or per chunk of pixels (fixed by the
 // shape, not by the thread count), merged in a fixed order: results do not
 // depend on the number of threads.
+#include "activation_cache.h"
 #include "cpu_utils.h"
 
 #include <vector>
@@ -339,7 +340,7 @@ at::Tensor channel_vector(const at::Tensor& v, const Problem& p, const char* op,
 }
 
 at::Tensor output_like(const at::Tensor& y, const Problem& p) {
-  return at::empty(y.sizes(), y.options().memory_format(memory_format(p.layout)));
+  return empty_activation(y.sizes(), y.options(), memory_format(p.layout));
 }
 
 at::Tensor bn_silu_forward(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift) {

@@ -11,6 +11,7 @@
 //
 // Reductions (statistics, sums, grad_weight) keep per-task partials that are
 // combined in a fixed order, so results do not depend on the thread count.
+#include "activation_cache.h"
 #include "cpu_utils.h"
 
 #include <array>
@@ -690,7 +691,7 @@ at::Tensor channel_vector(const at::Tensor& v, const ConvInputs& in, const char*
 }
 
 at::Tensor output_like(const at::Tensor& x, const ConvInputs& in) {
-  return at::empty({in.g.N, in.g.C, in.g.OH, in.g.OW}, x.options().memory_format(memory_format(in.layout)));
+  return empty_activation({in.g.N, in.g.C, in.g.OH, in.g.OW}, x.options(), memory_format(in.layout));
 }
 
 std::tuple<at::Tensor, at::Tensor> dwconv_bn_silu_stats(const at::Tensor& x, const at::Tensor& weight,
@@ -800,7 +801,7 @@ std::tuple<at::Tensor, at::Tensor> dwconv_bn_silu_backward(const at::Tensor& gra
   const at::Tensor ca = channel_vector(coef_a, in, op, "coef_a"), cb = channel_vector(coef_b, in, op, "coef_b");
   const at::Tensor cc = channel_vector(coef_c, in, op, "coef_c");
   const at::Tensor grad = like_input(grad_out, x, {g.N, g.C, g.OH, g.OW}, in.layout, op, "grad_out");
-  at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(memory_format(in.layout)));
+  at::Tensor grad_x = empty_activation(x.sizes(), x.options(), memory_format(in.layout));
   const bool nchw = in.layout == Layout::NCHW;
   const int64_t KK = g.K * g.K;
   // grad_weight partials: [N][C][K * K] per plane (NCHW) or [tasks][K * K][C] (channels_last).

@@ -2,6 +2,7 @@
 // and the gate gradient. Each is one memory-bound pass over x, vectorized along
 // the contiguous dimension (H*W for NCHW, C for channels_last) and parallel over
 // independent (n, c) planes or (n, channel block) slices.
+#include "activation_cache.h"
 #include "cpu_utils.h"
 
 namespace effnet_fast::cpu {
@@ -138,7 +139,7 @@ at::Tensor se_scale(const at::Tensor& x, const at::Tensor& gate_in, const std::o
   const at::Tensor gate = acc_vector(gate_in, {N, C}, acc, op, "gate");
   const bool has_bias = bias_in.has_value() && bias_in->defined();
   const at::Tensor bias = has_bias ? acc_vector(*bias_in, {N, C}, acc, op, "bias") : at::Tensor();
-  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(memory_format(layout)));
+  at::Tensor out = empty_activation(x.sizes(), x.options(), memory_format(layout));
   EFFNET_DISPATCH(x.scalar_type(), "effnet_fast_se_scale", [&] {
     using Vec = Vectorized<acc_t>;
     constexpr int64_t V = Vec::size();
