@@ -67,7 +67,7 @@ class FusedDWConvBNSiLU(DWConvBNSiLU):
             return super().forward(x)  # an empty batch (or plane): exactly as the reference
         check_conv_settings(self, self.conv, stride=self.conv.stride[0], padding=self.conv.kernel_size[0] // 2,
                             groups=self.conv.in_channels, bias=False)
-        if folded.onednn_ok(x) and folded.applies(self, x):
+        if folded.applies(self, x) and folded.onednn_ok(x):
             # oneDNN's depthwise conv with the BN folded and SiLU as a post-op runs faster
             # than the fused kernel on this path (docs/PERFORMANCE.md).
             check_inputs(x, self.conv.weight, *affine_or_identity(self.bn, x), self.conv.stride[0])

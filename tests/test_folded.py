@@ -185,3 +185,19 @@ def test_batch_norm_without_affine_parameters():
     assert runs_folded(fused, x)
     with torch.no_grad():
         close(fused(x), ref(x))
+
+
+def test_private_onednn_api_is_there():
+    """The fast path calls torch.ops.mkldnn._convolution_pointwise, a private API: this
+    fails when a torch release drops it (the model then falls back to plain convs)."""
+    if torch.backends.mkldnn.is_available():
+        assert folded._ONEDNN
+
+
+def test_without_onednn(monkeypatch):
+    monkeypatch.setattr(folded, "_ONEDNN", False)
+    ref, fused = pair()
+    x = image()
+    assert runs_folded(fused, x)
+    with torch.no_grad():
+        close(fused(x), ref(x))

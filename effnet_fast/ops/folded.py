@@ -81,10 +81,14 @@ def _sources(conv, bn):
     return tuple(t for t in (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None)
 
 
+# oneDNN's fused convolutions (the kernels torch.compile's freezing path calls): a
+# private API, so used only when present, with plain torch convolutions otherwise.
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
 def onednn_ok(x):
     """True when oneDNN's fused convolutions can run on x."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+    return _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
 
 
 def conv_bn_act(module, x, residual=None, act=None):
