@@ -9,7 +9,7 @@ from backend_cases import GRADCHECK_BACKENDS, assert_close, backend_params, forw
 from effnet_fast.layers import ConvBNAct, FusedConvBNAct
 from effnet_fast.model import set_fused
 from effnet_fast.ops import kernels
-from effnet_fast.ops.backends import cuda_emu_built
+from effnet_fast.ops.backends import cpu_built, cuda_emu_built
 from effnet_fast.ops.bn_silu import bn_silu, bn_silu_op
 from effnet_fast.ops.common import acc_dtype
 
@@ -281,3 +281,15 @@ def test_bad_inputs_raise_clear_errors():
         bn_silu(torch.ones(2, 4, 5, 5, dtype=torch.int32), bn, "reference")
     with pytest.raises(ValueError, match="fused must be"):
         bn_silu(torch.randn(2, 4, 5, 5), bn, "nope")
+
+
+@pytest.mark.skipif(not cpu_built(), reason="effnet_fast._C is not built")
+def test_cpu_statistics_of_a_tensor_larger_than_the_cache():
+    """The channels_last statistics stream a tensor of more than 16 MiB row by row (another
+    loop order than the small test shapes take): same results as the reference."""
+    torch.manual_seed(7)
+    y = (torch.randn(4, 72, 128, 128) * 0.5 + 3).to(memory_format=torch.channels_last)
+    mean, var = kernels("cpu").bn_silu_stats(y)
+    want_var, want_mean = torch.var_mean(y.double(), dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean.double(), want_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), want_var, rtol=1e-5, atol=0)
