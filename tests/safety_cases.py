@@ -16,7 +16,7 @@ def fused_layer(kind, backend, **kwargs):
         return FusedDWConvBNSiLU(CHANNELS, kwargs.get("k", 3), kwargs.get("stride", 1), backend=backend)
     if kind == "se":
         return FusedSqueezeExcitation(CHANNELS, 2, backend=backend)
-    return FusedConvBNAct(CHANNELS, CHANNELS, 1)
+    return FusedConvBNAct(CHANNELS, CHANNELS, 1, backend=backend)
 
 
 def reference_of(layer):
