@@ -37,7 +37,8 @@ bench: install
 	$(PY) benchmarks/bench_bn_silu.py
 
 bench-model: install
-	$(PY) benchmarks/bench_model.py
+	$(PY) -m pip install -q onnx onnxscript onnxruntime openvino
+	$(PY) benchmarks/bench_model.py --onnx --compile
 
 gpu-check:
 	bash benchmarks/gpu_check.sh
