@@ -201,3 +201,14 @@ def test_without_onednn(monkeypatch):
     assert runs_folded(fused, x)
     with torch.no_grad():
         close(fused(x), ref(x))
+
+
+def test_stage_replaced_after_a_forward_is_used(monkeypatch):
+    ref, fused = pair()
+    x = image(n=4)
+    monkeypatch.setattr(folded, "CHUNK_BYTES", 1)
+    with torch.no_grad():
+        fused(x)  # plans the chunks
+        for model in (ref, fused):
+            model.head = torch.nn.Sequential(model.head, torch.nn.Hardtanh(-0.1, 0.1))
+        close(fused(x), ref(x))

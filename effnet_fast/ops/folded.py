@@ -5,7 +5,8 @@ scaled weights and a bias. When nothing needs gradients, the fused layers run:
   stem, expand, head   conv + bias + SiLU in one pass: oneDNN's fused post-op on the
                        CPU (the kernel torch.compile's freezing path calls), weights
                        reordered once into oneDNN's blocked layout;
-  depthwise            the fused depthwise kernel with the folded scale and shift;
+  depthwise            the same, with oneDNN's depthwise conv on the CPU (faster there
+                       than the fused kernel, which serves training and other devices);
   SE + projection      the gate folded into the projection weights per sample,
                        conv(x * g[n]) = x[n] @ (W * g[n]), one batched GEMM, with the
                        projection BN's bias and the residual added to its output, so
@@ -22,8 +23,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-_cache = weakref.WeakKeyDictionary()      # module -> (stamp of its sources, folded tensors)
-_structure = weakref.WeakKeyDictionary()  # module -> facts that depend on its submodules alone
+_cache = weakref.WeakKeyDictionary()        # module -> (stamp of its sources, folded tensors)
+_chunk_plans = weakref.WeakKeyDictionary()  # model -> {input shape: chunk plan}
 
 
 def _stamp(tensors):
@@ -52,18 +53,10 @@ def applies(module, x):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())):
         return False
-    submodules, batch_norms = _submodules(module)
-    return (not any(m.training for m in submodules)
-            and all(bn.running_mean is not None for bn in batch_norms))
-
-
-def _submodules(module):
-    """(every submodule, the BatchNorms among them), remembered per module."""
-    facts = _structure.setdefault(module, {})
-    if "submodules" not in facts:
-        mods = list(module.modules())
-        facts["submodules"] = mods, [m for m in mods if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    return facts["submodules"]
+    for m in module.modules():  # walked every call: submodules may be swapped or switched
+        if m.training or (isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is None):
+            return False
+    return True
 
 
 def fold(conv_weight, bn):
@@ -176,33 +169,36 @@ def _conv_out(size, conv, dim):
 
 
 def _chunk_plan(stages, x):
-    """[(number of chunks, [modules])]: consecutive stages run on the same batch chunks."""
+    """[(number of chunks, number of stages)]: consecutive stages that run on the same
+    batch chunks. Depends on the input's shape and the model's structure alone."""
     if x.device.type != "cpu":  # a GPU wants the whole batch at once
-        return [(1, list(stages))]
+        return [(1, len(stages))]
     n, height, width = x.shape[0], x.shape[2], x.shape[3]
     plan = []
     for stage in stages:
         peak, height, width = _peak_bytes(stage, height, width, x.element_size())
         chunks = min(n, max(1, -(-n * peak // CHUNK_BYTES)))
         if plan and plan[-1][0] == chunks:
-            plan[-1][1].append(stage)
+            plan[-1][1] += 1
         else:
-            plan.append((chunks, [stage]))
-    return plan
+            plan.append([chunks, 1])
+    return [tuple(step) for step in plan]
 
 
 def run_in_chunks(model, stages, x):
     """The stages applied to x in order, each group of stages over chunks of the batch
     small enough to stay in cache (see CHUNK_BYTES); the chunks' outputs are joined
     between groups. Only for eval mode: every sample is computed independently."""
-    plans = _structure.setdefault(model, {}).setdefault("chunk_plans", {})  # by input shape
-    key = (tuple(x.shape), x.dtype)
+    plans = _chunk_plans.setdefault(model, {})
+    key = (tuple(x.shape), x.dtype, x.device, tuple(map(id, stages)))  # a plan is only chunk counts
     if key not in plans:
         if len(plans) > 16:
             plans.clear()
         plans[key] = _chunk_plan(stages, x)
-    plan = plans[key]
-    for chunks, group in plan:
+    first = 0
+    for chunks, count in plans[key]:
+        group = stages[first:first + count]
+        first += count
         outs = []
         for part in x.tensor_split(chunks):
             for stage in group:
