@@ -121,8 +121,20 @@ def _why_unusable(backend, device):
 def resolve_backend(fused, device):
     """The backend name that `fused` (True, 'auto' or a name) means for tensors on `device`.
 
-    Raises RuntimeError (or ValueError for an unknown name) saying why when it cannot run."""
+    Raises RuntimeError (or ValueError for an unknown name) saying why when it cannot run.
+    Every fused layer asks on every call, so an answer is remembered for what it depends on:
+    the setting, the device type, the interpreter switch and whether the extension loaded."""
     device = torch.device(device)
+    key = (fused, device.type, triton_interpreted(), _C is not None)
+    if key not in _resolved:
+        _resolved[key] = _resolve(fused, device)
+    return _resolved[key]
+
+
+_resolved = {}
+
+
+def _resolve(fused, device):
     if fused is True or fused == "auto":
         candidates = ("cpu",) if device.type == "cpu" else CUDA_PREFERENCE
         reasons = []

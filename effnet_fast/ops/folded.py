@@ -18,6 +18,7 @@ rebuilt when any of their sources changes (a new tensor, storage or version coun
 an optimizer step, load_state_dict, an in-place edit). Writes through `.data`
 bypass version counters and are not seen.
 """
+import threading
 import weakref
 
 import torch
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 _cache = weakref.WeakKeyDictionary()        # module -> (stamp of its sources, folded tensors)
 _chunk_plans = weakref.WeakKeyDictionary()  # model -> {input shape: chunk plan}
+_model_checked = threading.local()          # .active: inside run_in_chunks, the model passed applies()
 
 
 def _stamp(tensors):
@@ -47,16 +49,25 @@ def applies(module, x):
     BatchNorm with running statistics, no gradient needed, not under autocast (which
     picks the convolutions' dtype), and no transform looking on (torch.compile folds
     by itself; jit.trace and vmap get the fused layers' own errors)."""
+    if getattr(_model_checked, "active", False):  # the whole model's answer holds for its layers
+        return True
     if module.training or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if torch.is_autocast_enabled(x.device.type) or torch._C._functorch.is_batchedtensor(x):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())):
         return False
-    for m in module.modules():  # walked every call: submodules may be swapped or switched
-        if m.training or (isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is None):
-            return False
-    return True
+    return _all_eval_with_statistics(module)
+
+
+def _all_eval_with_statistics(module):
+    """No module below `module` in training mode, every BatchNorm with running statistics.
+    Walked on every call (submodules may be swapped or switched), so kept cheaper than
+    Module.modules()."""
+    if module.training or (isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+                           and module.running_mean is None):
+        return False
+    return all(_all_eval_with_statistics(m) for m in module._modules.values() if m is not None)
 
 
 def fold(conv_weight, bn):
@@ -195,8 +206,16 @@ def run_in_chunks(model, stages, x):
         if len(plans) > 16:
             plans.clear()
         plans[key] = _chunk_plan(stages, x)
+    outer, _model_checked.active = getattr(_model_checked, "active", False), True
+    try:
+        return _run_plan(plans[key], stages, x)
+    finally:
+        _model_checked.active = outer
+
+
+def _run_plan(plan, stages, x):
     first = 0
-    for chunks, count in plans[key]:
+    for chunks, count in plan:
         group = stages[first:first + count]
         first += count
         outs = []
