@@ -140,6 +140,7 @@ def se_project(h, gate, project, residual, se_scale):
         weight, bias = fold(project.conv.weight, project.bn)
         return weight.flatten(1), bias
 
+    # Kept under project.bn: the slot of `project` itself holds conv_bn_act's oneDNN weights.
     weight, bias = _cached(project.bn, _sources(project.conv, project.bn), build)
     c_out = weight.shape[0]
     w_n = (weight.unsqueeze(0) * gate.unsqueeze(1)).to(h.dtype)     # (N, C_out, C_mid)
