@@ -1,7 +1,8 @@
 """effnet_fast: EfficientNet B0-B7 with fused kernels for its hot layers."""
 from .model import VARIANTS, EfficientNet, compound_scaling, round_channels, round_repeats, set_fused
 from .ops import BACKENDS, build_info
+from .patch import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
 __all__ = ["EfficientNet", "VARIANTS", "compound_scaling", "round_channels", "round_repeats", "set_fused", "BACKENDS",
-           "build_info", "__version__"]
+           "build_info", "patch", "unpatch", "PatchReport", "__version__"]

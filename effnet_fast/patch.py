@@ -1,0 +1,361 @@
+"""Fused layers for the EfficientNets users already have: torchvision `efficientnet_b0..b7`
+and timm `efficientnet_b*` / `tf_efficientnet_b*`, swapped in place.
+
+`patch(model)` replaces each supported block by an adapter: an instance of a subclass of
+the block's own class that shares the block's attribute dictionaries (children, parameters,
+buffers, hooks), so state_dict keys, checkpoints and `isinstance` checks are unchanged. Its
+forward runs the project's fused layers (FusedConvBNAct, FusedDWConvBNSiLU,
+FusedSqueezeExcitation and the folded eval path) through small "views": fused-layer
+instances, not registered in the model, whose `conv`, `bn`, `fc1`, `fc2` are the original
+submodules. A part the fused ops cannot compute exactly runs the original modules, and the
+report says which and why. Stochastic depth and drop_path are the original modules.
+"""
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .layers import FusedConvBNAct, FusedDWConvBNSiLU, FusedSqueezeExcitation
+from .model import _check_fused
+from .ops import folded
+from .ops.bn_silu import bn_silu
+from .ops.dwconv_bn_silu import KERNEL_SIZES, STRIDES
+
+ORIGINAL = "_patch_original"  # key, in an adapter's __dict__, of the module it replaced
+VIEWS = "_patch_views"        # key of its fused views (kept out of _modules: not in state_dict)
+
+
+@dataclass
+class PatchReport:
+    """What `patch` replaced and what it left alone (module path, reason)."""
+    replaced: list = field(default_factory=list)
+    left_alone: list = field(default_factory=list)
+
+    def __str__(self):
+        lines = [f"replaced {len(self.replaced)} modules, left {len(self.left_alone)} parts alone"]
+        lines += [f"  left alone {path}: {why}" for path, why in self.left_alone]
+        return "\n".join(lines)
+
+
+def patch(model, fused=True):
+    """Swap, in place, the supported blocks of a torchvision or timm EfficientNet for
+    adapters running the fused ops on backend `fused` (True/'auto' or a backend name).
+    Returns a PatchReport. Parts the fused ops cannot compute exactly are left as they were."""
+    _check_fused(fused)
+    if not fused:
+        raise ValueError("patch(model, fused=...) needs True, 'auto' or a backend name; use unpatch(model)")
+    report = PatchReport()
+    _patch_children(model, "", fused, report)
+    return report
+
+
+def unpatch(model):
+    """Put back, in place, every module `patch` replaced (the original objects)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Patched):
+                original = child.__dict__[ORIGINAL]
+                original.training = child.training
+                setattr(parent, name, original)
+    return model
+
+
+def _patch_children(parent, prefix, backend, report):
+    for name, child in list(parent.named_children()):
+        path = prefix + name
+        if isinstance(child, Patched):
+            continue
+        adapter = _adapt(child, path, backend, report)
+        if adapter is not None:
+            setattr(parent, name, adapter)
+            report.replaced.append((path, type(child).__name__))
+        else:
+            if type(child).__name__ == "Conv2dSame":
+                report.left_alone.append((path, _conv_problem(child)))
+            _patch_children(child, path + ".", backend, report)
+
+
+def _adapt(module, path, backend, report):
+    """The adapter for `module`, or None when it is not a layer this module handles."""
+    kind = _kind(module)
+    if kind == "torchvision_mbconv":
+        return _block_adapter(module, _torchvision_parts(module), path, backend, report)
+    if kind in ("timm_inverted_residual", "timm_depthwise_separable"):
+        problem = _timm_block_problem(module)
+        if problem:
+            report.left_alone.append((path, problem))
+            return None
+        return _block_adapter(module, _timm_parts(module, kind), path, backend, report)
+    if kind == "torchvision_conv_norm_act":
+        conv, bn = module[0], module[1]
+        act = module[2] if len(module) > 2 else None
+        problem = _conv_problem(conv, plain_only=True) or _bn_problem(bn) or _act_problem(act)
+        if problem:
+            report.left_alone.append((path, problem))
+            return None
+        return _adapter(module, PatchedLayer, {"layer": _conv_bn_view(conv, bn, act is not None, backend)})
+    if kind == "timm_batch_norm_act":
+        problem = _bn_problem(module)
+        if problem or not isinstance(module.act, nn.SiLU):
+            report.left_alone.append((path, problem or f"activation {type(module.act).__name__}, not SiLU"))
+            return None
+        adapter = _adapter(module, PatchedBatchNormAct, {})
+        adapter.__dict__["_patch_backend"] = backend
+        return adapter
+    return None
+
+
+def _kind(module):
+    """Which known layer `module` is, by its exact class (a subclass may compute anything)."""
+    cls = type(module)
+    known = {
+        ("torchvision.models.efficientnet", "MBConv"): "torchvision_mbconv",
+        ("torchvision.ops.misc", "Conv2dNormActivation"): "torchvision_conv_norm_act",
+        ("timm.models._efficientnet_blocks", "InvertedResidual"): "timm_inverted_residual",
+        ("timm.models._efficientnet_blocks", "DepthwiseSeparableConv"): "timm_depthwise_separable",
+        ("timm.layers.norm_act", "BatchNormAct2d"): "timm_batch_norm_act",
+    }
+    return known.get((cls.__module__, cls.__name__))
+
+
+# --- what the fused ops compute exactly ------------------------------------------------
+
+def _conv_problem(conv, plain_only=False, depthwise=False, pointwise=False):
+    """None when the fused ops compute `conv` exactly, else the reason."""
+    if type(conv) is not nn.Conv2d:
+        if type(conv).__name__ == "Conv2dSame":
+            return "Conv2dSame: TF 'same' padding, asymmetric for stride 2 (the fused ops pad symmetrically)"
+        return f"{type(conv).__name__}, not a plain nn.Conv2d"
+    if conv.dilation != (1, 1):
+        return f"dilated conv {conv.dilation}"
+    if conv.padding_mode != "zeros":
+        return f"padding mode {conv.padding_mode!r}"
+    if plain_only:
+        return None
+    k = conv.kernel_size
+    if conv.bias is not None:
+        return "conv with bias"
+    if depthwise:
+        if not conv.groups == conv.in_channels == conv.out_channels:
+            return "not a depthwise conv"
+        if k[0] != k[1] or k[0] not in KERNEL_SIZES:
+            return f"kernel size {k} (fused: {KERNEL_SIZES})"
+        if conv.stride[0] != conv.stride[1] or conv.stride[0] not in STRIDES:
+            return f"stride {conv.stride} (fused: {STRIDES})"
+        if conv.padding != (k[0] // 2, k[0] // 2):
+            return f"padding {conv.padding}, not k // 2"
+    if pointwise and (k != (1, 1) or conv.stride != (1, 1) or conv.padding != (0, 0) or conv.groups != 1):
+        return "not a 1x1 conv with stride 1, no padding, one group"
+    return None
+
+
+def _bn_problem(bn):
+    if type(bn) is not nn.BatchNorm2d and _kind(bn) != "timm_batch_norm_act":
+        return f"{type(bn).__name__}, not a BatchNorm2d"
+    drop = getattr(bn, "drop", None)  # timm BatchNormAct2d
+    if drop is not None and not isinstance(drop, nn.Identity):
+        return f"dropout {type(drop).__name__} inside the BatchNorm"
+    return None
+
+
+def _act_problem(act):
+    if act is None or isinstance(act, nn.SiLU):
+        return None
+    return f"activation {type(act).__name__}, not SiLU"
+
+
+def _bn_act(bn):
+    """The activation inside a timm BatchNormAct2d (None for Identity)."""
+    act = getattr(bn, "act", None)
+    return None if act is None or isinstance(act, nn.Identity) else act
+
+
+def _timm_block_problem(block):
+    if getattr(block, "conv_s2d", None) is not None:
+        return "space-to-depth stem conv"
+    if not isinstance(getattr(block, "aa", nn.Identity()), nn.Identity):
+        return "anti-aliasing layer"
+    return None
+
+
+# --- block parts: (modules for the fused view, or the reference modules) ----------------
+
+@dataclass
+class _Parts:
+    """The modules of one inverted-residual block, in order. expand/dw/project are
+    (conv, bn, has_act); tail_reference: the modules computing se + project as the original."""
+    expand: tuple
+    dw: tuple
+    dw_reference: nn.Module
+    expand_reference: nn.Module
+    se: tuple            # (fc1, act, fc2, gate) or None
+    project: tuple
+    tail_reference: nn.Module
+    has_skip: bool
+    drop_path: str
+
+
+def _torchvision_parts(block):
+    layers = list(block.block)
+    expand = layers[0] if len(layers) == 4 else None
+    dw, se, project = layers[-3:]
+    return _Parts(
+        expand=None if expand is None else (expand[0], expand[1], expand[2] if len(expand) > 2 else None),
+        dw=(dw[0], dw[1], dw[2] if len(dw) > 2 else None), dw_reference=dw, expand_reference=expand,
+        se=(se.fc1, se.activation, se.fc2, se.scale_activation) if type(se).__name__ == "SqueezeExcitation"
+        and isinstance(se.avgpool, nn.AdaptiveAvgPool2d) and se.avgpool.output_size in (1, (1, 1)) else None,
+        project=(project[0], project[1], project[2] if len(project) > 2 else None),
+        tail_reference=nn.Sequential(se, project), has_skip=block.use_res_connect, drop_path="stochastic_depth")
+
+
+def _timm_parts(block, kind):
+    if kind == "timm_inverted_residual":
+        expand = (block.conv_pw, block.bn1, _bn_act(block.bn1))
+        dw, project = (block.conv_dw, block.bn2), (block.conv_pwl, block.bn3)
+    else:
+        expand, dw, project = None, (block.conv_dw, block.bn1), (block.conv_pw, block.bn2)
+    se = block.se
+    is_se = type(se).__name__ == "SqueezeExcite"
+    return _Parts(
+        expand=expand, dw=(*dw, _bn_act(dw[1])), dw_reference=nn.Sequential(*dw),
+        expand_reference=None if expand is None else nn.Sequential(*expand[:2]),
+        se=(se.conv_reduce, se.act1, se.conv_expand, se.gate) if is_se else None,
+        project=(*project, _bn_act(project[1])), tail_reference=nn.Sequential(se, *project),
+        has_skip=block.has_skip, drop_path="drop_path")
+
+
+def _block_adapter(block, parts, path, backend, report):
+    views = {"expand": parts.expand_reference, "dw": parts.dw_reference, "se": None, "project": None,
+             "tail": parts.tail_reference}
+    if parts.expand is not None:
+        conv, bn, act = parts.expand
+        problem = _conv_problem(conv, plain_only=True) or _bn_problem(bn) or _act_problem(act)
+        if problem:
+            report.left_alone.append((f"{path} expand", problem))
+        else:
+            views["expand"] = _conv_bn_view(conv, bn, act is not None, backend)
+    conv, bn, act = parts.dw
+    problem = (_conv_problem(conv, depthwise=True) or _bn_problem(bn)
+               or ("no SiLU after the depthwise conv" if not isinstance(act, nn.SiLU) else None))
+    if problem:
+        report.left_alone.append((f"{path} depthwise", problem))
+    else:
+        views["dw"] = _view(FusedDWConvBNSiLU, backend, conv=conv, bn=bn)
+    problem = _se_project_problem(parts)
+    if problem:
+        report.left_alone.append((f"{path} squeeze-excitation + projection", problem))
+    else:
+        fc1, _, fc2, _ = parts.se
+        views["se"] = _view(FusedSqueezeExcitation, backend, fc1=fc1, fc2=fc2)
+        views["project"] = _conv_bn_view(*parts.project[:2], False, backend)
+    adapter = _adapter(block, PatchedBlock, views)
+    adapter.__dict__["_patch_layout"] = (parts.has_skip, parts.drop_path)
+    return adapter
+
+
+def _se_project_problem(parts):
+    if parts.se is None:
+        return "not a squeeze-excitation layer the fused ops compute"
+    fc1, act, fc2, gate = parts.se
+    for fc in (fc1, fc2):
+        if type(fc) is not nn.Conv2d or fc.bias is None or fc.kernel_size != (1, 1) or fc.stride != (1, 1) \
+                or fc.padding != (0, 0) or fc.groups != 1 or fc.dilation != (1, 1):
+            return "squeeze-excitation convs are not 1x1 with bias"
+    if not isinstance(act, nn.SiLU) or not isinstance(gate, nn.Sigmoid):
+        return f"squeeze-excitation activations {type(act).__name__}/{type(gate).__name__}, not SiLU/Sigmoid"
+    conv, bn, act = parts.project
+    return (_conv_problem(conv, pointwise=True) or _bn_problem(bn)
+            or (f"activation {type(act).__name__} after the projection" if act is not None else None))
+
+
+# --- views and adapters ----------------------------------------------------------------
+
+def _view(cls, backend, **children):
+    """An instance of fused layer `cls` whose submodules are `children` (the model's own)."""
+    view = cls.__new__(cls)
+    nn.Module.__init__(view)
+    for name, child in children.items():
+        view.add_module(name, child)
+    view.backend = backend
+    return view
+
+
+def _conv_bn_view(conv, bn, act, backend):
+    view = _view(FusedConvBNAct, backend, conv=conv, bn=bn)
+    if act:
+        view.act = nn.SiLU(inplace=True)  # FusedConvBNAct applies SiLU when it has `act`
+    return view
+
+
+_adapter_classes = {}
+
+
+def _adapter(module, kind, views):
+    """`module` as an instance of a subclass of (kind, type(module)) sharing its attribute
+    dictionaries: same children, parameters, buffers and hooks, so the same state_dict."""
+    cls = type(module)
+    key = (kind, cls)
+    if key not in _adapter_classes:
+        _adapter_classes[key] = type(f"Fused{cls.__name__}", (kind, cls), {"__module__": __name__})
+    new = _adapter_classes[key].__new__(_adapter_classes[key])
+    new.__dict__.update(module.__dict__)
+    new.__dict__[ORIGINAL] = module
+    new.__dict__[VIEWS] = views
+    return new
+
+
+class Patched(nn.Module):
+    """Base of the adapters `patch` installs."""
+
+    def _views(self):
+        """The fused views, in this module's training mode (they are not its children)."""
+        views = self.__dict__[VIEWS]
+        for view in views.values():
+            if view is not None:
+                view.training = self.training
+        return views
+
+    def _reference_forward(self, x):
+        return type(self.__dict__[ORIGINAL]).forward(self, x)
+
+
+class PatchedLayer(Patched):
+    """Conv + BN (+ SiLU) as FusedConvBNAct."""
+
+    def forward(self, x):
+        if x.numel() == 0:
+            return self._reference_forward(x)
+        return self._views()["layer"](x)
+
+
+class PatchedBatchNormAct(Patched):
+    """timm's BatchNormAct2d with SiLU as the fused bn_silu op."""
+
+    def forward(self, x):
+        if x.numel() == 0 or x.dim() != 4:
+            return self._reference_forward(x)
+        return bn_silu(x, self, self.__dict__["_patch_backend"])
+
+
+class PatchedBlock(Patched):
+    """An inverted-residual block computed as effnet_fast.layers.MBConv computes it."""
+
+    def forward(self, x):
+        if x.numel() == 0:
+            return self._reference_forward(x)
+        views = self._views()
+        has_skip, drop_path = self.__dict__["_patch_layout"]
+        h = x if views["expand"] is None else views["expand"](x)
+        h = views["dw"](h)
+        se, project = views["se"], views["project"]
+        if se is None:
+            out = views["tail"](h)
+        elif folded.applies(self, x) and h.numel():
+            return se.forward_project_folded(h, project, x if has_skip else None)
+        else:
+            out = project.bn(se.forward_project(h, project.conv))
+        if has_skip:
+            out = getattr(self, drop_path)(out) + x
+        return out
+
+
+__all__ = ["patch", "unpatch", "PatchReport"]
