@@ -8,7 +8,7 @@ channels_last (BN folded), and optionally torch.compile (default and with freezi
 ONNX Runtime and OpenVINO on the exported reference model. Training rows (SGD step,
 cross-entropy, separate copies): eager NCHW and channels_last, fused, torch.compile.
 
-  python benchmarks/bench_model.py [--version b0] [--batch 16] [--size N] [--compile] [--onnx]
+  python benchmarks/bench_model.py [--version b0] [--batch 16] [--size N] [--compile] [--onnx] [--peers]
   python benchmarks/bench_model.py --profile          (where the fused eval forward spends its time)
 """
 import argparse
@@ -90,11 +90,38 @@ def onnx_runner(model, x, engine):
         f"openvino {ov.__version__}, {threads} threads, f32"
 
 
+def peer_models(base):
+    """[(label, module)]: torchvision's and timm's build of the same variant with base's
+    weights, unpatched and patched (effnet_fast.patch), channels_last; those installed."""
+    from effnet_fast import patch
+    from effnet_fast.convert import to_layout
+    out = []
+    for peer in ("torchvision", "timm"):
+        try:
+            if peer == "torchvision":
+                import torchvision
+                model = getattr(torchvision.models, f"efficientnet_{base.version}")()
+            else:
+                import timm
+                model = timm.create_model(f"efficientnet_{base.version}")
+        except (ImportError, AttributeError, RuntimeError) as exc:
+            print(f"  {peer}: skipped ({exc})")
+            continue
+        model.load_state_dict(to_layout(base, peer))
+        model = model.to(memory_format=torch.channels_last)
+        patched = copy.deepcopy(model)
+        patch(patched)
+        out += [(f"{peer} channels_last", model), (f"{peer} patched", patched)]
+    return out
+
+
 def eval_candidates(args, base, x_nchw, x_cl):
     """[(label, fn)] for the eval rows; each fn runs one no-grad forward."""
     rows = [("eager NCHW", variant(base, False, False), x_nchw),
             ("eager channels_last", variant(base, False, True), x_cl),
             (f"fused={args.fused} channels_last", variant(base, args.fused, True), x_cl)]
+    if args.peers:
+        rows += [(label, m, x_cl) for label, m in peer_models(base)]
     out = [(label, (lambda m=m, x=x: eval_forward(m, x))) for label, m, x in rows]
     if args.compile:
         for label, freezing in (("torch.compile", False), ("torch.compile, freezing", True)):
@@ -119,6 +146,9 @@ def train_candidates(args, base, x_nchw, x_cl, y):
         opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
         x = x_cl if cl else x_nchw
         out.append((label, (lambda m=m, opt=opt, x=x: train_step(m, opt, x, y)), saved_bytes(m, x)))
+    for label, m in peer_models(base) if args.peers else []:
+        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+        out.append((label, (lambda m=m, opt=opt: train_step(m, opt, x_cl, y)), saved_bytes(m, x_cl)))
     if args.compile:
         m = variant(base, False, True)
         opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
@@ -145,6 +175,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--compile", action="store_true", help="add torch.compile rows (compiles for minutes on a CPU)")
     p.add_argument("--onnx", action="store_true", help="add ONNX Runtime and OpenVINO eval rows (when installed)")
+    p.add_argument("--peers", action="store_true",
+                   help="add torchvision's and timm's model, unpatched and with effnet_fast.patch (when installed)")
     p.add_argument("--no-train", action="store_true", help="eval rows only")
     p.add_argument("--profile", action="store_true", help="only profile one eval forward of the fused model")
     args = p.parse_args(argv)
