@@ -15,7 +15,7 @@ from effnet_fast.ops.common import as_supported_layout, is_channels_last, memory
 
 from ._common import (INTERPRET, autotuned, check_supported, empty_like_layout, group_tile_range, num_groups,
                       shape_generic_jit, sum_rows)
-from .dwconv_bn_silu import _load_channel, _merge_stats_kernel, _tile_channels
+from .dwconv_bn_silu import _load_channel, _merge_stats_kernel, _merge_tile, _tile_channels
 
 _REDUCE_KEY = ["C", "HW"]
 _NCHW_CONFIGS = [triton.Config({"BLOCK_P": 1024, "BLOCK_C": 1}, num_warps=4),
@@ -68,13 +68,7 @@ def _stats_kernel(y_ptr, count_ptr, mean_ptr, m2_ptr, C, HW, P, groups, syn, syc
         y = tl.load(y_ptr + offs, mask=p_ok[:, None], other=0.0).to(tl.float32)
         y = tl.where(p_ok[:, None], y - shift[None, :], 0.0)
         tile_count = tl.minimum(P - tile * BLOCK_P, BLOCK_P).to(tl.float32)
-        tile_mean = tl.sum(y, 0) / tile_count
-        dev = tl.where(p_ok[:, None], y - tile_mean[None, :], 0.0)
-        total = count + tile_count
-        delta = tile_mean - mean
-        mean += delta * (tile_count / total)
-        m2 += tl.sum(dev * dev, 0) + delta * delta * (count * tile_count / total)
-        count = total
+        count, mean, m2 = _merge_tile(y, p_ok, tile_count, count, mean, m2)
     row = tl.program_id(0) * C
     tl.store(mean_ptr + row + c, mean + shift, mask=c_ok)
     tl.store(m2_ptr + row + c, m2, mask=c_ok)

@@ -58,6 +58,19 @@ def _tile_pixels(tile, P, OH, OW, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
+def _merge_tile(y, p_ok, tile_count, count, mean, m2):
+    """Chan's merge of one tile's per-channel (count, mean, M2) into the running ones
+    (y is zero where p_ok is False); returns the new (count, mean, m2)."""
+    tile_mean = tl.sum(y, 0) / tile_count
+    dev = tl.where(p_ok[:, None], y - tile_mean[None, :], 0.0)
+    total = count + tile_count
+    delta = tile_mean - mean
+    mean += delta * (tile_count / total)
+    m2 += tl.sum(dev * dev, 0) + delta * delta * (count * tile_count / total)
+    return total, mean, m2
+
+
+@triton.jit
 def _tile_channels(C, BLOCK_C: tl.constexpr):
     """Channels of this program, which exist, and an in-range channel to read for each:
     reads need no channel mask, results of missing channels are masked on store."""
@@ -118,13 +131,7 @@ def _stats_kernel(x_ptr, w_ptr, count_ptr, mean_ptr, m2_ptr, C, H, W, OH, OW, P,
         n, oh, ow, p_ok = _tile_pixels(tile, P, OH, OW, BLOCK_P)
         y = _conv_tile(x_ptr, w_ptr, n, oh, ow, c_in, p_ok, H, W, sxn, sxc, sxh, sxw, K, STRIDE, BLOCK_P, BLOCK_C)
         tile_count = tl.minimum(P - tile * BLOCK_P, BLOCK_P).to(tl.float32)
-        tile_mean = tl.sum(y, 0) / tile_count
-        dev = tl.where(p_ok[:, None], y - tile_mean[None, :], 0.0)
-        total = count + tile_count
-        delta = tile_mean - mean
-        mean += delta * (tile_count / total)
-        m2 += tl.sum(dev * dev, 0) + delta * delta * (count * tile_count / total)
-        count = total
+        count, mean, m2 = _merge_tile(y, p_ok, tile_count, count, mean, m2)
     row = tl.program_id(0) * C
     tl.store(mean_ptr + row + c, mean, mask=c_ok)
     tl.store(m2_ptr + row + c, m2, mask=c_ok)
