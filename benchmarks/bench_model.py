@@ -20,7 +20,7 @@ import tempfile
 import torch
 
 from effnet_fast import EfficientNet
-from effnet_fast.benchmark import calibrate_bn, eval_forward, train_step, wall_times
+from effnet_fast.benchmark import calibrate_bn, eval_forward, median, times_in_turns, train_step
 
 
 def inputs(batch, size, channels_last, seed=1):
@@ -158,12 +158,8 @@ def train_candidates(args, base, x_nchw, x_cl, y):
 
 
 def in_turns(fns, repeats):
-    """Median seconds of each fn, the fns taking turns so that drift spreads evenly."""
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times):
-            ts.append(wall_times(fn, 1, warmup=0)[0])
-    return [sorted(ts)[len(ts) // 2] for ts in times]
+    """Median seconds of each fn, the fns taking turns (warmed up by the caller)."""
+    return [median(ts) for ts in times_in_turns(fns, repeats, warmup=0)]
 
 
 def main(argv=None):

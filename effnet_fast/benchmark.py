@@ -1,5 +1,6 @@
 """Timing helpers shared by the command line and benchmarks/."""
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,26 @@ def best_seconds(fn, repeats=5, warmup=1):
     """Fastest call: on a shared machine the slower ones measure time slices lost to
     other processes, not the code."""
     return wall_times(fn, repeats, warmup)[0]
+
+
+def times_in_turns(fns, repeats, warmup=1):
+    """Sorted wall times of each fn, the fns taking turns (one call each per round) so
+    that drift on a shared machine spreads evenly over them; fn must synchronize its
+    device itself."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - start)
+    return [sorted(ts) for ts in times]
+
+
+def median(times):
+    return times[len(times) // 2]
 
 
 def synchronizer(device):
@@ -71,3 +92,58 @@ def calibrate_bn(model, x, steps=3):
         m.momentum = momentum
     model.train(was_training)
     return model
+
+
+class BenchRow(NamedTuple):
+    name: str
+    reference: float  # median seconds
+    fused: float
+    spread: float  # largest (slowest / fastest - 1) of the two candidates
+
+    @property
+    def speedup(self):
+        return self.reference / self.fused
+
+
+def bench_models(version, fused, device, batch, size, channels_last, repeats, train=True):
+    """Median times of the reference and fused `version` models, taking turns, with BN
+    statistics calibrated first and the outputs (and first training losses) compared
+    before timing; raises AssertionError when they disagree."""
+    from .model import EfficientNet
+    device = torch.device(device)
+    sync = synchronizer(device)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, size, size, generator=gen).to(device)
+    target = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=layout)
+    torch.manual_seed(0)
+    reference = calibrate_bn(EfficientNet(version).to(device), x).to(memory_format=layout)
+    fused_model = EfficientNet(version, fused=fused).to(device).to(memory_format=layout)
+    fused_model.load_state_dict(reference.state_dict())
+    models = (reference, fused_model)
+
+    expected, actual = (eval_forward(m, x) for m in models)
+    torch.testing.assert_close(actual, expected, atol=1e-3, rtol=1e-3,
+                               msg=lambda m: f"the fused model's eval output differs from the reference: {m}")
+    rows = [_row("eval forward", [lambda m=m: (eval_forward(m, x), sync()) for m in models], repeats)]
+    if train:
+        opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in models]
+        states = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+        losses = []
+        for m, o in zip(models, opts):
+            torch.manual_seed(0)  # the same dropout and stochastic-depth draws for both
+            losses.append(train_step(m, o, x, target).item())
+        if abs(losses[0] - losses[1]) > 1e-3 * max(1.0, abs(losses[0])):
+            raise AssertionError(f"first training losses differ: reference {losses[0]:.6f}, fused {losses[1]:.6f}")
+        for m, s in zip(models, states):
+            m.load_state_dict(s)
+        rows.append(_row("training step", [lambda m=m, o=o: (train_step(m, o, x, target), sync())
+                                           for m, o in zip(models, opts)], repeats))
+    return rows
+
+
+def _row(name, fns, repeats):
+    times = times_in_turns(fns, repeats)
+    spread = max(ts[-1] / ts[0] - 1 for ts in times)
+    return BenchRow(name, median(times[0]), median(times[1]), spread)

@@ -1,12 +1,77 @@
-"""Command line: `python -m effnet_fast {info,summary,bench,train}` (or `effnet-fast ...`)."""
+"""Command line: `python -m effnet_fast {info,summary,bench,train,predict,export}` (or `effnet-fast ...`).
+
+Bad values are refused by the parser (exit code 2, a message naming the option); each
+command module adds its own subcommand with `add_command(subparsers)`."""
 import argparse
+import functools
+import importlib
 import json
+import os
+import sys
 
 import torch
 
-from .benchmark import eval_forward, median_seconds, synchronizer, train_step
 from .model import VARIANTS, EfficientNet
 from .ops import build_info
+
+# Values of --fused: the model's `fused` argument they mean.
+FUSED_CHOICES = {"off": False, "false": False, "auto": True, "true": True, "cpu": "cpu", "cuda": "cuda",
+                 "triton": "triton", "reference": "reference"}
+FUSED_NAMES = {False: "off", True: "auto"}
+# Timing spread (slowest / fastest call - 1) above which a bench warns that the machine was busy.
+BUSY_SPREAD = 0.25
+# Modules that add a subcommand of their own (each has add_command(subparsers)).
+COMMAND_MODULES = ("train",)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults and keeps the descriptions' line breaks."""
+
+
+def positive_int(value):
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def fused_arg(value):
+    """--fused off|auto|cpu|cuda|triton (true/false accepted) -> the model's `fused`."""
+    key = value.lower()
+    if key not in FUSED_CHOICES:
+        names = "off, auto, cpu, cuda, triton (or true/false)"
+        raise argparse.ArgumentTypeError(f"unknown backend {value!r}; choose one of {names}")
+    return FUSED_CHOICES[key]
+
+
+def device_arg(value):
+    try:
+        device = torch.device(value)
+    except RuntimeError as exc:
+        raise argparse.ArgumentTypeError(f"not a device: {value!r} ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{value!r}: no CUDA device is available (torch.cuda.is_available() is False)")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{value!r}: effnet_fast runs on 'cpu' or 'cuda' devices")
+    return device
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_fused_on_device(parser, fused, device):
+    """parser.error (exit 2) when the --fused backend cannot run on --device."""
+    if not fused:
+        return
+    from .ops.backends import resolve_backend
+    try:
+        resolve_backend(fused, device)
+    except (RuntimeError, ValueError) as exc:
+        parser.error(f"--fused {fused if isinstance(fused, str) else 'auto'} on --device {device}: {exc}")
 
 
 def cmd_info(args):
@@ -23,88 +88,93 @@ def cmd_summary(args):
     print(f"\nforward pass: {model.version} on a 1x3x{size}x{size} input -> {tuple(out.shape)}")
 
 
-def _model_for(version, fused, device, channels_last):
-    torch.manual_seed(0)
-    model = EfficientNet(version, fused=fused).to(device)
-    return model.to(memory_format=torch.channels_last) if channels_last else model
-
-
 def cmd_bench(args):
-    """Eval forward and training step of the reference and fused models, same run."""
-    device = torch.device(args.device)
+    """Eval forward (and training step) of the reference and fused models, in turns."""
+    from .benchmark import bench_models
     size = args.size or VARIANTS[args.version].resolution
-    x = torch.randn(args.batch, 3, size, size, device=device)
-    if args.channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    target = torch.randint(0, 1000, (args.batch,), device=device)
-    sync = synchronizer(device)
-    results = {}
-    for label, fused in (("reference", False), ("fused", args.fused)):
-        model = _model_for(args.version, fused, device, args.channels_last)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        fwd = median_seconds(lambda: (eval_forward(model, x), sync()), args.repeats)
-        step = median_seconds(lambda: (train_step(model, opt, x, target), sync()), args.repeats)
-        results[label] = (fwd, step)
     layout = "channels_last" if args.channels_last else "NCHW"
-    print(f"{args.version}, batch {args.batch}, {size}x{size}, {layout}, {device.type}, fused={args.fused!r}")
-    print(f"{'':<10}{'eval fwd ms':>13}{'train step ms':>15}")
-    for label, (fwd, step) in results.items():
-        print(f"{label:<10}{fwd * 1e3:>13.1f}{step * 1e3:>15.1f}")
-    (rf, rs), (ff, fs) = results["reference"], results["fused"]
-    print(f"{'speedup':<10}{rf / ff:>12.2f}x{rs / fs:>14.2f}x")
+    print(f"{args.version}, batch {args.batch}, {size}x{size}, {layout}, {args.device}, "
+          f"{torch.get_num_threads()} threads, fused={FUSED_NAMES.get(args.fused, args.fused)}; "
+          f"median of {args.repeats} calls each, the models taking turns")
+    rows = bench_models(args.version, args.fused, args.device, args.batch, size, args.channels_last,
+                        args.repeats, train=not args.no_train)
+    print(f"{'':<18}{'reference ms':>14}{'fused ms':>10}{'speedup':>9}{'spread':>9}")
+    for row in rows:
+        print(f"{row.name:<18}{row.reference * 1e3:>14.1f}{row.fused * 1e3:>10.1f}{row.speedup:>8.2f}x"
+              f"{row.spread * 100:>8.0f}%")
+    if any(row.spread > BUSY_SPREAD for row in rows):
+        print(f"warning: the timings spread by more than {BUSY_SPREAD:.0%} (slowest vs fastest call): the machine "
+              "was busy; rerun on a quiet machine or with more --repeats", file=sys.stderr)
 
 
-def cmd_train(args):
-    from .checkpoint import check_writable
-    from .train import train_digits
-    if args.out:
-        try:
-            check_writable(args.out)
-        except OSError as exc:
-            raise SystemExit(f"effnet-fast train --out: {exc}") from exc
-    train_digits(version=args.version, fused=args.fused, epochs=args.epochs, batch_size=args.batch,
-                 size=args.size or 32, out=args.out, limit=args.limit)
+def add_bench_command(sub):
+    p = sub.add_parser("bench", formatter_class=HelpFormatter,
+                       help="time the reference and fused models (eval forward and training step)",
+                       description="The reference and the fused model take turns; BN statistics are calibrated "
+                                   "first and\nthe outputs compared before timing.")
+    p.add_argument("--version", default="b0", choices=sorted(VARIANTS), help="variant")
+    p.add_argument("--batch", type=positive_int, default=16, help="batch size")
+    p.add_argument("--size", type=positive_int, help="input size (default: the variant's resolution)")
+    p.add_argument("--fused", type=fused_arg, default="auto", metavar="{off,auto,cpu,cuda,triton}",
+                   help="the fused model's backend")
+    p.add_argument("--device", type=device_arg, default=default_device(), help="cpu, cuda or cuda:N")
+    p.add_argument("--channels-last", action="store_true", help="channels_last inputs and models")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed calls of each model, in turns")
+    p.add_argument("--no-train", action="store_true", help="time the eval forward only")
+    p.set_defaults(func=cmd_bench, check=functools.partial(_check_bench, p))
+    return p
 
 
-def _fused_arg(value):
-    return {"false": False, "true": True}.get(value.lower(), value)
+def _check_bench(parser, args):
+    if not args.fused:
+        parser.error("--fused off: bench compares the fused model with the reference; pick a backend or auto")
+    check_fused_on_device(parser, args.fused, args.device)
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="effnet-fast", description=__doc__)
+    parser = argparse.ArgumentParser(prog="effnet-fast", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="which backends are built").set_defaults(func=cmd_info)
+    sub.add_parser("info", help="which backends are built, and whether a CUDA device is there",
+                   formatter_class=HelpFormatter).set_defaults(func=cmd_info)
 
-    p = sub.add_parser("summary", help="variants B0-B7 beside the paper's table, and a forward pass")
-    p.add_argument("versions", nargs="*", choices=sorted(VARIANTS) + [[]], default=None)
-    p.add_argument("--size", type=int, help="forward-pass input size (default: the variant's resolution)")
-    p.set_defaults(func=cmd_summary)
+    p = sub.add_parser("summary", formatter_class=HelpFormatter,
+                       help="variants B0-B7 beside the paper's table, and a forward pass")
+    p.add_argument("versions", nargs="*", metavar="VERSION", help=f"variants to list ({', '.join(sorted(VARIANTS))}); "
+                   "default: all")
+    p.add_argument("--size", type=positive_int, help="forward-pass input size (default: the variant's resolution)")
+    p.set_defaults(func=cmd_summary, check=functools.partial(_check_summary, p))
 
-    p = sub.add_parser("bench", help="time the reference and fused models")
-    p.add_argument("--version", default="b0", choices=sorted(VARIANTS))
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--size", type=int, help="input size (default: the variant's resolution)")
-    p.add_argument("--fused", type=_fused_arg, default=True, help="True or a backend name")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--repeats", type=int, default=3)
-    p.set_defaults(func=cmd_bench)
-
-    p = sub.add_parser("train", help="train on the scikit-learn digits data set (no download)")
-    p.add_argument("--version", default="b0", choices=sorted(VARIANTS))
-    p.add_argument("--fused", type=_fused_arg, default=False, help="False, True or a backend name")
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--size", type=int, help="input size (default 32)")
-    p.add_argument("--limit", type=int, help="use at most this many training and test images")
-    p.add_argument("--out", help="save the trained weights here")
-    p.set_defaults(func=cmd_train)
+    add_bench_command(sub)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f".{name}", __package__).add_command(sub)
     return parser
 
 
+def _check_summary(parser, args):
+    unknown = [v for v in args.versions if v not in VARIANTS]
+    if unknown:
+        parser.error(f"summary: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(sorted(VARIANTS))}")
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check = getattr(args, "check", None)
+    if check is not None:
+        check(args)
+    return args
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    args = parse_args(argv)
+    try:
+        args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`effnet-fast info | head`): stop quietly, as Unix tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -64,3 +64,30 @@ def train_digits(version="b0", fused=False, epochs=6, batch_size=64, size=32, lr
         save_atomic(model.state_dict(), out)
         print(f"saved weights to {out}")
     return model, acc
+
+
+def add_command(sub):
+    """The `train` subcommand of the command line."""
+    from .cli import HelpFormatter, fused_arg, positive_int
+    from .model import VARIANTS
+    p = sub.add_parser("train", formatter_class=HelpFormatter,
+                       help="train on the scikit-learn digits data set (no download)")
+    p.add_argument("--version", default="b0", choices=sorted(VARIANTS))
+    p.add_argument("--fused", type=fused_arg, default="off", metavar="{off,auto,cpu,cuda,triton}")
+    p.add_argument("--epochs", type=positive_int, default=6)
+    p.add_argument("--batch", type=positive_int, default=64)
+    p.add_argument("--size", type=positive_int, default=32, help="input size")
+    p.add_argument("--limit", type=positive_int, help="use at most this many training and test images")
+    p.add_argument("--out", help="save the trained weights here")
+    p.set_defaults(func=run_command)
+    return p
+
+
+def run_command(args):
+    if args.out:
+        try:
+            check_writable(args.out)
+        except OSError as exc:
+            raise SystemExit(f"effnet-fast train --out: {exc}") from exc
+    train_digits(version=args.version, fused=args.fused, epochs=args.epochs, batch_size=args.batch,
+                 size=args.size, out=args.out, limit=args.limit)
