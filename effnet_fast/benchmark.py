@@ -138,7 +138,9 @@ def bench_models(version, fused, device, batch, size, channels_last, repeats, tr
             torch.manual_seed(0)  # the same dropout and stochastic-depth draws for both
             losses.append(train_step(m, o, x, target).item())
         if abs(losses[0] - losses[1]) > 1e-3 * max(1.0, abs(losses[0])):
-            raise AssertionError(f"first training losses differ: reference {losses[0]:.6f}, fused {losses[1]:.6f}")
+            raise AssertionError(f"first training losses differ: reference {losses[0]:.6f}, fused {losses[1]:.6f} "
+                                 "(batch statistics over very few values, as on 1x1 maps of a tiny batch, are "
+                                 "ill-conditioned: try a larger --batch or --size)")
         for m, s in zip(models, states):
             m.load_state_dict(s)
         rows.append(_row("training step", [lambda m=m, o=o: (train_step(m, o, x, target), sync())

@@ -20,7 +20,7 @@ def test_summary_matches_paper_table(capsys):
 
 
 def test_bench_runs(capsys):
-    main(["bench", "--batch", "2", "--size", "32", "--fused", "reference", "--repeats", "1"])
+    main(["bench", "--batch", "4", "--size", "64", "--fused", "reference", "--repeats", "1"])
     assert "speedup" in capsys.readouterr().out
 
 
