@@ -21,7 +21,7 @@ FUSED_NAMES = {False: "off", True: "auto"}
 # Timing spread (slowest / fastest call - 1) above which a bench warns that the machine was busy.
 BUSY_SPREAD = 0.25
 # Modules that add a subcommand of their own (each has add_command(subparsers)).
-COMMAND_MODULES = ("train",)
+COMMAND_MODULES = ("train", "predict", "export")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
