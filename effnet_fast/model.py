@@ -80,10 +80,8 @@ def compound_scaling(phi, alpha=1.2, beta=1.1, gamma=1.15, base_resolution=224):
 
 
 def _check_fused(fused):
-    from .ops.backends import BACKENDS
-    if fused is False or fused is None or fused is True or fused in BACKENDS + ("auto", "reference", "cuda_emu"):
-        return
-    raise ValueError(f"fused must be False, True, 'auto' or one of {BACKENDS}, got {fused!r}")
+    from .ops.backends import check_fused_setting
+    check_fused_setting(fused)
 
 
 class EfficientNet(nn.Module):

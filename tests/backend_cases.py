@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from effnet_fast.ops.backends import _why_unusable
+from effnet_fast.ops.backends import REGISTRY, _why_unusable
 from effnet_fast.ops.common import acc_dtype
 
 # (dtype, atol, rtol) against the reference computed in float32/64 on the same
@@ -14,26 +14,21 @@ TOLERANCES = {
     torch.bfloat16: (6e-2, 6e-2),
 }
 
-# dtypes each backend claims, as run in the tests.
-BACKEND_DTYPES = {
-    "cpu": (torch.float32, torch.float64, torch.bfloat16),
-    "cuda": (torch.float32, torch.float16, torch.bfloat16),
-    "triton": (torch.float32, torch.float16, torch.bfloat16),
-    "cuda_emu": (torch.float32, torch.float64),
-    "reference": (torch.float32, torch.float64),
-}
+# dtypes each backend claims (the registry's), all run in the tests.
+BACKEND_DTYPES = {name: b.dtypes for name, b in REGISTRY.items()}
 # Backends that run float64 and so take torch.autograd.gradcheck.
-GRADCHECK_BACKENDS = ("cpu", "cuda_emu", "reference")
+GRADCHECK_BACKENDS = tuple(name for name, b in REGISTRY.items() if b.gradcheck)
+# (backend, device) pairs to test: each backend on its devices, and Triton on CPU
+# tensors through the interpreter.
+BACKEND_DEVICES = [(name, kind) for name, b in REGISTRY.items() for kind in b.device_types] + [("triton", "cpu")]
 
 
 def backend_params(with_dtypes=False):
     """(backend, device) pairs, or (backend, device, dtype) triples: every backend that
     runs on CPU tensors here, and the GPU backends on a CUDA device when there is
     one; each skips saying why."""
-    pairs = [("reference", "cpu"), ("cpu", "cpu"), ("triton", "cpu"), ("cuda_emu", "cpu"),
-             ("cuda", "cuda"), ("triton", "cuda")]
     params = []
-    for backend, device in pairs:
+    for backend, device in BACKEND_DEVICES:
         if device == "cuda" and not torch.cuda.is_available():
             why = "no CUDA device"
         else:

@@ -9,8 +9,22 @@ from effnet_fast.ops.backends import resolve_backend
 
 def test_build_info_lists_every_backend():
     info = effnet_fast.build_info()
-    assert set(effnet_fast.BACKENDS) <= info.keys()
-    assert all(isinstance(info[b], bool) for b in effnet_fast.BACKENDS)
+    assert set(effnet_fast.BACKENDS) <= info["kernels_built"].keys()
+    assert all(isinstance(v, bool) for v in info["kernels_built"].values())
+    assert info["cuda_device_available"] == torch.cuda.is_available()
+    assert info["fused_true_picks"]["cpu"] == ("cpu" if backends.cpu_built() else None)
+    if not torch.cuda.is_available():
+        assert info["fused_true_picks"]["cuda"] is None
+
+
+def test_registry_drives_the_fused_setting_and_kernel_tables():
+    for name, b in backends.REGISTRY.items():
+        effnet_fast.EfficientNet("b0", num_classes=2, fused=False).set_fused(name)  # accepted by name
+        assert (name in effnet_fast.BACKENDS) == (not b.tests_only)
+        if b.built():
+            assert hasattr(backends.kernels(name), "se_pool")
+    with pytest.raises(ValueError, match="fused must be False, True, 'auto' or one of"):
+        effnet_fast.EfficientNet("b0", fused="gpu")
 
 
 def test_fused_true_on_cpu_picks_the_cpu_kernels():
@@ -32,7 +46,7 @@ def test_missing_extension_is_explained(monkeypatch):
 
 def test_wrong_device_is_explained():
     if backends.cuda_built():
-        with pytest.raises(RuntimeError, match="runs on CUDA tensors, got a cpu tensor"):
+        with pytest.raises(RuntimeError, match="runs on cuda tensors, got a cpu tensor"):
             resolve_backend("cuda", "cpu")
     else:
         with pytest.raises(RuntimeError, match="without its CUDA kernels"):

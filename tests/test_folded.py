@@ -9,11 +9,12 @@ import torch
 
 from effnet_fast import EfficientNet
 from effnet_fast.benchmark import calibrate_bn
-from effnet_fast.ops import build_info, folded
+from effnet_fast.ops import folded
+from effnet_fast.ops.backends import backend_built
 
 from test_model import randomize
 
-pytestmark = pytest.mark.skipif(not build_info()["cpu"], reason="the CPU kernels are not built")
+pytestmark = pytest.mark.skipif(not backend_built("cpu"), reason="the CPU kernels are not built")
 
 
 def pair(version="b0", seed=0, channels_last=True, size=64):

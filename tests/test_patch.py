@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import effnet_fast
 from effnet_fast.benchmark import calibrate_bn
-from effnet_fast.ops import build_info, folded
+from effnet_fast.ops import folded
+from effnet_fast.ops.backends import backend_built
 from effnet_fast.patch import Patched
 
 from test_model import randomize
@@ -17,7 +18,7 @@ from test_model import randomize
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
 
-pytestmark = pytest.mark.skipif(not build_info()["cpu"], reason="the CPU kernels are not built")
+pytestmark = pytest.mark.skipif(not backend_built("cpu"), reason="the CPU kernels are not built")
 
 SIZE = 64
 BLOCKS_B0 = 16

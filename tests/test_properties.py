@@ -13,10 +13,10 @@ from torch import nn
 from backend_cases import BACKEND_DTYPES, assert_close, forward_backward_pair
 from effnet_fast.layers import ConvBNAct, DWConvBNSiLU, SqueezeExcitation
 from effnet_fast.model import set_fused
-from effnet_fast.ops.backends import _why_unusable
+from effnet_fast.ops.backends import REGISTRY, _why_unusable
 from effnet_fast.ops.common import acc_dtype, conv_out_size
 
-BACKENDS = [b for b in ("reference", "cpu", "triton", "cuda_emu") if _why_unusable(b, torch.device("cpu")) is None]
+BACKENDS = [b for b in REGISTRY if _why_unusable(b, torch.device("cpu")) is None]
 KINDS = ("dw", "se", "conv")
 SHORT = dict(max_examples=15, derandomize=True)
 LONG = dict(max_examples=60)

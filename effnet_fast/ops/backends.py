@@ -1,25 +1,20 @@
-"""Which fused backends are built and usable, and the kernel table of each.
+"""The fused backends, described once (`REGISTRY`), and what this install can run.
 
 A backend's kernel table offers the kernel-level ops declared in csrc/op_schemas.h
-(dwconv_bn_silu_stats, ..., se_gate_grad) as attributes:
-  reference  plain torch (effnet_fast.ops.reference_kernels), any device
-  cpu        C++ kernels, CPU tensors          torch.ops.effnet_fast
-  cuda       CUDA C++ kernels, CUDA tensors    torch.ops.effnet_fast
-  triton     Triton kernels, CUDA tensors      effnet_fast.kernels
-             (CPU tensors too under TRITON_INTERPRET=1)
-  cuda_emu   the CUDA kernel sources compiled for the host (tests only)
+(dwconv_bn_silu_stats, ..., se_gate_grad) as attributes. Everything else that names
+backends (the model's `fused` check, `fused=True`'s choice, `build_info`, the tests'
+backend and dtype matrix, the benchmarks) is derived from the registry below.
 """
 import importlib
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from .kernel_fakes import register_kernel_fakes
 
-BACKENDS = ("cpu", "cuda", "triton")
-# Order in which fused=True tries the backends on a CUDA device.
-CUDA_PREFERENCE = ("triton", "cuda")
-
+_import_errors = {}
 _import_errors = {}
 
 
@@ -69,50 +64,98 @@ def triton_interpreted():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    description: str
+    device_types: tuple  # device types of the tensors it runs on
+    dtypes: tuple  # the dtypes it runs and the tests check
+    built: Callable[[], bool]  # whether this install has it
+    kernel_module: str  # module holding its kernel table
+    tests_only: bool = False  # not offered to users (`fused=`), kept to check the others
+    gradcheck: bool = False  # runs float64, so torch.autograd.gradcheck applies
+
+    def runs_on(self, device_type):
+        if self.name == "triton" and device_type == "cpu":
+            return triton_interpreted()
+        return device_type in self.device_types
+
+
+_F32, _F64, _F16, _BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
+REGISTRY = {b.name: b for b in (
+    Backend("cpu", "C++ kernels for CPU tensors", ("cpu",), (_F32, _F64, _BF16, _F16), cpu_built,
+            "torch.ops.effnet_fast", gradcheck=True),
+    Backend("cuda", "CUDA C++ kernels", ("cuda",), (_F32, _F16, _BF16), cuda_built, "torch.ops.effnet_fast"),
+    Backend("triton", "Triton kernels (CPU tensors too under TRITON_INTERPRET=1)", ("cuda",), (_F32, _F16, _BF16),
+            triton_built, "effnet_fast.kernels"),
+    Backend("reference", "the kernel ops written in plain torch", ("cpu", "cuda"), (_F32, _F64), lambda: True,
+            "effnet_fast.ops.reference_kernels", tests_only=True, gradcheck=True),
+    Backend("cuda_emu", "the CUDA kernel sources compiled for the host", ("cpu",), (_F32, _F64), cuda_emu_built,
+            "torch.ops.effnet_fast_emu", tests_only=True, gradcheck=True),
+)}
+# The backends a user picks with `fused=`.
+BACKENDS = tuple(name for name, b in REGISTRY.items() if not b.tests_only)
+# The order in which fused=True tries the backends on each device type.
+AUTO_PREFERENCE = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
+# Every dtype some backend runs (each backend refuses the others with a message naming them).
+ALL_DTYPES = tuple(dict.fromkeys(d for b in REGISTRY.values() for d in b.dtypes))
+
+
 def build_info():
-    """What this install can run: {backend: bool, ...} plus versions and import errors."""
+    """What this install can run. `kernels_built` says which backends are compiled or
+    installed; `cuda_device_available` whether a GPU is visible to torch; `fused_true_picks`
+    what fused=True chooses for CPU and CUDA tensors here (None: nothing can run)."""
     return {
-        "cpu": cpu_built(),
-        "cuda": cuda_built(),
-        "triton": triton_built(),
-        "cuda_emu": cuda_emu_built(),
-        "cuda_device": torch.cuda.is_available(),
+        "kernels_built": {name: b.built() for name, b in REGISTRY.items()},
+        "cuda_device_available": torch.cuda.is_available(),
+        "fused_true_picks": {kind: _first_usable(kind) for kind in AUTO_PREFERENCE},
         "triton_interpret": triton_interpreted(),
         "torch": torch.__version__,
         "import_errors": dict(_import_errors),
     }
 
 
+def backend_built(name):
+    return REGISTRY[name].built()
+
+
+def _first_usable(device_type):
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return None
+    device = torch.device(device_type)
+    return next((n for n in AUTO_PREFERENCE[device_type] if _why_unusable(n, device) is None), None)
+
+
 _BUILD_HINT = ("Build it with `pip install -e .` (needs a C++ compiler; the CUDA part also needs "
                "nvcc and a CUDA build of torch, or EFFNET_FAST_BUILD_CUDA=1).")
 
 
+_NOT_BUILT = {
+    "cpu": lambda: "the C++ extension effnet_fast._C is not built ("
+                   + _import_errors.get("effnet_fast._C", "no CPU kernels registered") + "). " + _BUILD_HINT,
+    "cuda": lambda: "effnet_fast._C was built without its CUDA kernels. " + _BUILD_HINT,
+    "triton": lambda: f"Triton is not installed ({_import_errors.get('triton')}); `pip install triton`",
+    "cuda_emu": lambda: f"effnet_fast._C_emu is not built. {_BUILD_HINT}",
+}
+
+
 def _why_unusable(backend, device):
     """None when `backend` can run on tensors of `device`, else the reason."""
-    kind = device.type
-    if backend == "reference":
-        return None
-    if backend == "cpu":
-        if not cpu_built():
-            err = _import_errors.get("effnet_fast._C", "no CPU kernels registered")
-            return f"the C++ extension effnet_fast._C is not built ({err}). {_BUILD_HINT}"
-        return None if kind == "cpu" else f"backend 'cpu' runs on CPU tensors, got a {kind} tensor"
-    if backend == "cuda":
-        if not cuda_built():
-            return ("effnet_fast._C was built without its CUDA kernels. " + _BUILD_HINT)
-        return None if kind == "cuda" else f"backend 'cuda' runs on CUDA tensors, got a {kind} tensor"
-    if backend == "triton":
-        if not triton_built():
-            return f"Triton is not installed ({_import_errors.get('triton')}); `pip install triton`"
-        if kind == "cuda" or (kind == "cpu" and triton_interpreted()):
-            return None
-        return (f"backend 'triton' runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1), "
-                f"got a {kind} tensor")
-    if backend == "cuda_emu":
-        if not cuda_emu_built():
-            return f"effnet_fast._C_emu is not built. {_BUILD_HINT}"
-        return None if kind == "cpu" else f"backend 'cuda_emu' runs on CPU tensors, got a {kind} tensor"
-    return f"unknown backend {backend!r}; choose one of {BACKENDS + ('reference', 'cuda_emu')}"
+    b = REGISTRY.get(backend)
+    if b is None:
+        return f"unknown backend {backend!r}; choose one of {tuple(REGISTRY)}"
+    if not b.built():
+        return _NOT_BUILT[backend]()
+    if not b.runs_on(device.type):
+        return f"backend {backend!r} ({b.description}) runs on {' or '.join(b.device_types)} tensors, got a {device.type} tensor"
+    return None
+
+
+def check_fused_setting(fused):
+    """Raise ValueError unless `fused` is False/None, True, 'auto' or a backend name."""
+    if fused is False or fused is None or fused is True or fused == "auto" or fused in REGISTRY:
+        return
+    raise ValueError(f"fused must be False, True, 'auto' or one of {BACKENDS}, got {fused!r}")
 
 
 # Evaluated once when torch.compile traces a layer: the answer depends on the build
@@ -136,7 +179,7 @@ _resolved = {}
 
 def _resolve(fused, device):
     if fused is True or fused == "auto":
-        candidates = ("cpu",) if device.type == "cpu" else CUDA_PREFERENCE
+        candidates = AUTO_PREFERENCE.get(device.type, ())
         reasons = []
         for name in candidates:
             why = _why_unusable(name, device)
@@ -145,8 +188,7 @@ def _resolve(fused, device):
             reasons.append(f"{name}: {why}")
         raise RuntimeError(f"fused=True: no fused backend can run on {device.type} tensors ("
                            + "; ".join(reasons) + ")")
-    if not isinstance(fused, str) or fused not in BACKENDS + ("reference", "cuda_emu"):
-        raise ValueError(f"fused must be False, True, 'auto' or one of {BACKENDS}, got {fused!r}")
+    check_fused_setting(fused)
     why = _why_unusable(fused, device)
     if why is not None:
         raise RuntimeError(f"fused={fused!r} cannot run: {why}")
@@ -155,12 +197,9 @@ def _resolve(fused, device):
 
 def kernels(backend):
     """The kernel table of `backend` (see the module docstring)."""
-    if backend in ("cpu", "cuda"):
-        return torch.ops.effnet_fast
-    if backend == "cuda_emu":
-        return torch.ops.effnet_fast_emu
-    if backend == "triton":
-        return importlib.import_module("effnet_fast.kernels")
-    if backend == "reference":
-        return importlib.import_module("effnet_fast.ops.reference_kernels")
-    raise ValueError(f"unknown backend {backend!r}")
+    if backend not in REGISTRY:
+        raise ValueError(f"unknown backend {backend!r}")
+    module = REGISTRY[backend].kernel_module
+    if module.startswith("torch.ops."):
+        return getattr(torch.ops, module.removeprefix("torch.ops."))
+    return importlib.import_module(module)
