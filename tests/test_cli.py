@@ -1,7 +1,10 @@
 """The command line runs and prints what it promises."""
 import json
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from effnet_fast.cli import main
 
@@ -9,7 +12,8 @@ from effnet_fast.cli import main
 def test_info(capsys):
     main(["info"])
     info = json.loads(capsys.readouterr().out)
-    assert {"cpu", "cuda", "triton"} <= info.keys()
+    assert {"cpu", "cuda", "triton"} <= info["kernels_built"].keys()
+    assert "cuda_device_available" in info  # not to be read as "CUDA kernels built"
 
 
 def test_summary_matches_paper_table(capsys):
@@ -30,3 +34,39 @@ def test_train_one_epoch(capsys, tmp_path):
     main(["train", "--epochs", "1", "--size", "16", "--batch", "32", "--limit", "64", "--fused", "reference", "--out", str(out)])
     assert "epoch 1: loss" in capsys.readouterr().out
     assert out.exists()
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["bench", "--fused", "gpu"], "--fused"),
+    (["bench", "--fused", "false"], "--fused off"),
+    (["bench", "--batch", "0"], "--batch"),
+    (["bench", "--repeats", "0"], "--repeats"),
+    (["bench", "--size", "-3"], "--size"),
+    (["bench", "--device", "tpu"], "--device"),
+    (["bench", "--device", "cuda"] if not torch.cuda.is_available() else ["bench", "--version", "b8"], "--"),
+    (["summary", "b9"], "b9"),
+    (["summary", "--size", "0"], "--size"),
+])
+def test_bad_values_exit_2_naming_the_option(argv, names, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert names in err and "Traceback" not in err
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: 16)" in out and "[]" not in out
+
+
+def test_info_into_a_closed_pipe_is_quiet():
+    """As `effnet-fast info | head` when head has gone: no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "effnet_fast", "info"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # long before the interpreter has imported torch and writes
+    err = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
