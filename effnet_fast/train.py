@@ -217,6 +217,9 @@ def check_args(parser, args):
             import effnet_fast.distributed  # noqa: F401
         except ImportError as exc:
             parser.error(f"--sync-bn needs effnet_fast.distributed, which cannot be imported here: {exc}")
+        if not args.fused and device.type == "cpu":
+            parser.error("--sync-bn on the CPU needs the fused layers (--fused auto or cpu): the reference "
+                         "layers' nn.SyncBatchNorm runs on CUDA tensors only")
 
 
 def run_command(args):

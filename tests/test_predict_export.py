@@ -1,0 +1,123 @@
+"""`effnet-fast predict` and `effnet-fast export` on a checkpoint of a tiny training run."""
+import os
+
+import pytest
+import torch
+
+from effnet_fast.cli import main, parse_args
+from effnet_fast.predict import load_model
+from effnet_fast.train import train
+
+pytest.importorskip("sklearn")
+pytest.importorskip("PIL")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(checkpoint path, training images as float tensors in [0, 1], labels, folder)."""
+    folder = tmp_path_factory.mktemp("run")
+    out = folder / "ck.pt"
+    args = parse_args(["train", "--epochs", "1", "--limit", "48", "--batch", "16", "--size", "32", "--workers", "0",
+                       "--out", str(out)])
+    train(args, plot=False)
+    data = args.loaded_data.train
+    return out, data.images[:4], data.labels[:4], folder
+
+
+def _save_png(image, path):
+    from PIL import Image
+    pixels = (image.permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(path)
+    return (torch.from_numpy(pixels).permute(2, 0, 1).float() / 255)
+
+
+def _model_top1(checkpoint, image01):
+    model, info = load_model(checkpoint)
+    mean, std = torch.tensor(info["mean"])[:, None, None], torch.tensor(info["std"])[:, None, None]
+    with torch.no_grad():
+        probs = model(((image01 - mean) / std)[None]).softmax(1)[0]
+    return info["classes"][int(probs.argmax())], float(probs.max())
+
+
+def test_predict_gives_the_models_class(trained, capsys):
+    checkpoint, images, labels, folder = trained
+    paths, expected = [], []
+    for i, image in enumerate(images[:2]):
+        path = folder / f"train{i}.png"
+        expected.append(_model_top1(checkpoint, _save_png(image, path)))
+        paths.append(str(path))
+    main(["predict", *paths, "--weights", str(checkpoint), "--topk", "3"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    for line, path, (name, prob) in zip(lines, paths, expected):
+        head, top = line.split(": ", 1)
+        assert head == path
+        first, p = top.split(", ")[0].split()
+        assert first == name and float(p) == pytest.approx(prob, abs=2e-3)
+        assert len(top.split(", ")) == 3
+
+
+def test_predict_with_a_bare_state_dict(trained, tmp_path, capsys):
+    checkpoint, images, _, _ = trained
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    bare = tmp_path / "bare.pt"
+    torch.save(ckpt["state_dict"], bare)
+    png = tmp_path / "x.png"
+    _save_png(images[0], png)
+    main(["predict", str(png), "--weights", str(bare), "--topk", "1"])
+    assert capsys.readouterr().out.startswith(f"{png}: ")
+
+
+def test_export_pt2_matches_the_model(trained, tmp_path, capsys):
+    checkpoint = trained[0]
+    out = tmp_path / "model.pt2"
+    main(["export", "--weights", str(checkpoint), "--format", "pt2", "--out", str(out)])
+    assert "checked with torch.export.load" in capsys.readouterr().out
+    model, _ = load_model(checkpoint)
+    x = torch.randn(3, 3, 32, 32)  # another batch size: the batch dimension is dynamic
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.load(str(out)).module()(x), model(x), atol=1e-4, rtol=1e-3)
+    assert sorted(os.listdir(tmp_path)) == ["model.pt2"]
+
+
+@pytest.mark.slow  # the exporter takes a while; torch.export is checked in the default run
+def test_export_onnx_matches_the_model(trained, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    checkpoint = trained[0]
+    out = tmp_path / "model.onnx"
+    main(["export", "--weights", str(checkpoint), "--format", "onnx", "--out", str(out)])
+    assert "checked with ONNX Runtime" in capsys.readouterr().out
+    model, _ = load_model(checkpoint)
+    x = torch.randn(3, 3, 32, 32)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(x), atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["predict", "nope.png", "--weights", "x.pt"], "IMAGE"),
+    (["predict", "--weights", "x.pt"], "IMAGE"),
+    (["predict", __file__, "--weights", "/no/such.pt"], "--weights"),
+    (["predict", __file__, "--weights", __file__, "--topk", "0"], "--topk"),
+    (["export", "--weights", "/no/such.pt", "--format", "onnx", "--out", "m.onnx"], "--weights"),
+    (["export", "--weights", __file__, "--format", "tflite", "--out", "m.tflite"], "--format"),
+    (["export", "--weights", __file__, "--format", "pt2", "--out", "/no/such/dir/m.pt2"], "--out"),
+])
+def test_bad_values_exit_2_naming_the_option(argv, names, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert names in err and "Traceback" not in err, err
+
+
+def test_predict_refuses_a_file_that_is_not_weights(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    torch.save({"w": torch.ones(1)}, bad)
+    png = tmp_path / "x.png"
+    _save_png(torch.zeros(3, 8, 8), png)
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", str(png), "--weights", str(bad)])
+    assert exc.value.code == 2 and "--weights" in capsys.readouterr().err
