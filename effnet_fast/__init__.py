@@ -1,6 +1,7 @@
 """effnet_fast: EfficientNet B0-B7 with fused kernels for its hot layers."""
 from .model import VARIANTS, EfficientNet, compound_scaling, round_channels, round_repeats, set_fused
 from .ops import BACKENDS, build_info
+from .distributed import convert_sync_batchnorm
 from .patch import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"

@@ -11,7 +11,7 @@ pre-activation instead of storing it:
 import torch
 
 from .backends import kernels, resolve_backend
-from .batch_norm import affine_grads, fold, grad_coefficients
+from .batch_norm import affine_grads, batch_stats, fold, grad_coefficients, local_count, sync_sums
 from .common import acc_dtype, as_supported_layout, memory_format_of
 from .common import check_batch_stats, refuse_double_backward, refuse_unsupported_transforms
 
@@ -36,47 +36,54 @@ def check_inputs(y, bn_weight, bn_bias):
 
 @torch.library.custom_op("effnet_fast::bn_silu", mutates_args=())
 def bn_silu_op(y: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor, running_mean: torch.Tensor,
-               running_var: torch.Tensor, training: bool, eps: float,
-               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (silu(bn(y)), mean, biased var) where mean/var are the batch statistics
-    in training mode and copies of the running ones in eval mode."""
+               running_var: torch.Tensor, training: bool, eps: float, backend: str,
+               group: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (silu(bn(y)), mean, biased var, count) where mean/var are the batch
+    statistics over `count` values per channel in training mode and copies of the
+    running ones in eval mode. `group`: the name of a process group whose ranks merge
+    their batch statistics (synchronised BatchNorm), "" for none."""
     k = kernels(backend)
     if training:
-        mean, var = k.bn_silu_stats(y)
+        mean, var, count = batch_stats(*k.bn_silu_stats(y), local_count(y), group)
     else:
         acc = acc_dtype(y.dtype)
         mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
+        count = mean.new_full((), local_count(y), dtype=torch.float64)
     _, scale, shift = fold(bn_weight, bn_bias, mean, var, eps)
-    return k.bn_silu_forward(y, scale, shift), mean, var
+    return k.bn_silu_forward(y, scale, shift), mean, var, count
 
 
 @bn_silu_op.register_fake
-def _(y, bn_weight, bn_bias, running_mean, running_var, training, eps, backend):
+def _(y, bn_weight, bn_bias, running_mean, running_var, training, eps, backend, group=""):
     acc = acc_dtype(y.dtype)
     c = y.shape[1]
     out = torch.empty_like(y, memory_format=memory_format_of(y))
-    return out, y.new_empty((c,), dtype=acc), y.new_empty((c,), dtype=acc)
+    return out, y.new_empty((c,), dtype=acc), y.new_empty((c,), dtype=acc), y.new_empty((), dtype=torch.float64)
 
 
 def _setup_context(ctx, inputs, output):
-    y, bn_weight, bn_bias, _, _, training, eps, backend = inputs
-    _, mean, var = output
-    ctx.save_for_backward(y, bn_weight, bn_bias, mean, var)
+    y, bn_weight, bn_bias, _, _, training, eps, backend, *group = inputs
+    _, mean, var, count = output
+    ctx.save_for_backward(y, bn_weight, bn_bias, mean, var, count)
     ctx.training, ctx.eps, ctx.backend = training, eps, backend
+    ctx.group = group[0] if group and training else ""
 
 
-def _backward(ctx, grad_out, _grad_mean, _grad_var):
+def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_count):
     refuse_double_backward(LAYER)
-    y, bn_weight, bn_bias, mean, var = ctx.saved_tensors
+    y, bn_weight, bn_bias, mean, var, count = ctx.saved_tensors
     k = kernels(ctx.backend)
     grad_out = grad_out.contiguous(memory_format=memory_format_of(y))
     invstd, scale, shift = fold(bn_weight, bn_bias, mean, var, ctx.eps)
     sum_dz, sum_dz_ymu = k.bn_silu_backward_reduce(grad_out, y, scale, shift, mean)
-    count = y.numel() // y.shape[1]
-    coefs = grad_coefficients(scale, invstd, mean, sum_dz, sum_dz_ymu, count, ctx.training)
+    if ctx.group:  # the input gradient needs the sums over every rank; the affine gradients stay local
+        all_dz, all_dz_ymu = sync_sums(sum_dz, sum_dz_ymu, ctx.group)
+        coefs = grad_coefficients(scale, invstd, mean, all_dz, all_dz_ymu, count, ctx.training)
+    else:
+        coefs = grad_coefficients(scale, invstd, mean, sum_dz, sum_dz_ymu, local_count(y), ctx.training)
     grad_y = k.bn_silu_backward(grad_out, y, scale, shift, *coefs)
     grad_bn_weight, grad_bn_bias = affine_grads(invstd, sum_dz, sum_dz_ymu, bn_weight, bn_bias)
-    return grad_y, grad_bn_weight, grad_bn_bias, None, None, None, None, None
+    return grad_y, grad_bn_weight, grad_bn_bias, None, None, None, None, None, None
 
 
 torch.library.register_autograd("effnet_fast::bn_silu", _backward, setup_context=_setup_context)
@@ -87,7 +94,7 @@ def bn_silu(y, bn, backend=True):
     statistics in training mode (or without running statistics), which update the
     running ones (momentum None: cumulative average); running statistics in eval
     mode. `backend`: True/'auto' or a backend name."""
-    from ..layers import update_running_stats  # layers imports this module
+    from ..layers import sync_group, update_running_stats  # layers imports this module
 
     if y.numel() == 0:
         return torch.nn.functional.silu(bn(y))  # an empty batch (or plane): exactly as the reference
@@ -97,12 +104,13 @@ def bn_silu(y, bn, backend=True):
     bias = bn.bias if bn.bias is not None else y.new_zeros(y.shape[1], dtype=acc_dtype(y.dtype))
     check_inputs(y, weight, bias)
     use_batch_stats = bn.training or bn.running_mean is None
-    if use_batch_stats:
+    group = sync_group(bn)  # "" unless a synchronised BatchNorm in training with other ranks
+    if use_batch_stats and not group:  # synchronised: one value per rank suffices, as nn.SyncBatchNorm
         check_batch_stats(LAYER, y.shape, bn.eps)
     running_mean = bn.running_mean if bn.running_mean is not None else weight.new_zeros(0)
     running_var = bn.running_var if bn.running_var is not None else weight.new_zeros(0)
-    out, mean, var = bn_silu_op(as_supported_layout(y), weight, bias, running_mean, running_var, use_batch_stats,
-                                bn.eps, backend)
+    out, mean, var, count = bn_silu_op(as_supported_layout(y), weight, bias, running_mean, running_var,
+                                       use_batch_stats, bn.eps, backend, group)
     if bn.training and bn.track_running_stats:
-        update_running_stats(bn, mean, var, y.numel() // y.shape[1])
+        update_running_stats(bn, mean, var, count if group else local_count(y))
     return out

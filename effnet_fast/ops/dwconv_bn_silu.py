@@ -10,7 +10,7 @@ weights and per-channel vectors and recomputes the conv output:
 import torch
 
 from .backends import kernels
-from .batch_norm import affine_grads, grad_coefficients
+from .batch_norm import affine_grads, batch_stats, grad_coefficients, local_count, sync_sums
 from .batch_norm import fold as _fold
 from .common import acc_dtype, as_supported_layout, autocast_weight, conv_out_size, memory_format_of
 from .common import autocast_input, check_batch_stats, refuse_double_backward, refuse_unsupported_transforms
@@ -50,62 +50,73 @@ def check_inputs(x, weight, bn_weight, bn_bias, stride):
 @torch.library.custom_op("effnet_fast::dwconv_bn_silu", mutates_args=())
 def dwconv_bn_silu(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
                    running_mean: torch.Tensor, running_var: torch.Tensor, training: bool, eps: float,
-                   stride: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (silu(bn(dwconv(x))), mean, biased var) where mean/var are the batch
-    statistics in training mode and copies of the running ones in eval mode."""
+                   stride: int, backend: str,
+                   group: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (silu(bn(dwconv(x))), mean, biased var, count) where mean/var are the
+    batch statistics over `count` values per channel in training mode and copies of
+    the running ones in eval mode. `group`: the name of a process group whose ranks
+    merge their batch statistics (synchronised BatchNorm), "" for none."""
     k = kernels(backend)
     acc = acc_dtype(x.dtype)
+    ks = weight.shape[-1]
+    out_count = x.shape[0] * conv_out_size(x.shape[2], ks, stride) * conv_out_size(x.shape[3], ks, stride)
     if training:
-        mean, var = k.dwconv_bn_silu_stats(x, weight, stride)
+        mean, var, count = batch_stats(*k.dwconv_bn_silu_stats(x, weight, stride), out_count, group)
     else:
         mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
+        count = mean.new_full((), out_count, dtype=torch.float64)
     _, scale, shift = _fold(bn_weight, bn_bias, mean, var, eps)
-    return k.dwconv_bn_silu_forward(x, weight, scale, shift, stride), mean, var
+    return k.dwconv_bn_silu_forward(x, weight, scale, shift, stride), mean, var, count
 
 
 @dwconv_bn_silu.register_fake
-def _(x, weight, bn_weight, bn_bias, running_mean, running_var, training, eps, stride, backend):
+def _(x, weight, bn_weight, bn_bias, running_mean, running_var, training, eps, stride, backend, group=""):
     n, c, h, w = x.shape
     k = weight.shape[-1]
     out = x.new_empty((n, c, conv_out_size(h, k, stride), conv_out_size(w, k, stride)))
     out = out.contiguous(memory_format=memory_format_of(x))
     acc = acc_dtype(x.dtype)
-    return out, x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
+    return out, x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc), x.new_empty((), dtype=torch.float64)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bn_weight, bn_bias, _, _, training, eps, stride, backend = inputs
-    _, mean, var = output
-    ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, var)
+    x, weight, bn_weight, bn_bias, _, _, training, eps, stride, backend, *group = inputs
+    _, mean, var, count = output
+    ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, var, count)
     ctx.training, ctx.eps, ctx.stride, ctx.backend = training, eps, stride, backend
+    ctx.group = group[0] if group and training else ""
 
 
-def _backward(ctx, grad_out, _grad_mean, _grad_var):
+def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_count):
     refuse_double_backward(LAYER)
-    x, weight, bn_weight, bn_bias, mean, var = ctx.saved_tensors
+    x, weight, bn_weight, bn_bias, mean, var, count = ctx.saved_tensors
     k = kernels(ctx.backend)
     grad_out = grad_out.contiguous(memory_format=memory_format_of(x))
     invstd, scale, shift = _fold(bn_weight, bn_bias, mean, var, ctx.eps)
     sum_dz, sum_dz_xmu = k.dwconv_bn_silu_backward_reduce(grad_out, x, weight, scale, shift, mean, ctx.stride)
-    count = grad_out.numel() // grad_out.shape[1]
-    coefs = grad_coefficients(scale, invstd, mean, sum_dz, sum_dz_xmu, count, ctx.training)
+    if ctx.group:  # the input gradient needs the sums over every rank; the affine gradients stay local
+        all_dz, all_dz_xmu = sync_sums(sum_dz, sum_dz_xmu, ctx.group)
+        coefs = grad_coefficients(scale, invstd, mean, all_dz, all_dz_xmu, count, ctx.training)
+    else:
+        coefs = grad_coefficients(scale, invstd, mean, sum_dz, sum_dz_xmu, local_count(grad_out), ctx.training)
     grad_x, grad_weight = k.dwconv_bn_silu_backward(grad_out, x, weight, scale, shift, *coefs, ctx.stride)
     grad_bn_weight, grad_bn_bias = affine_grads(invstd, sum_dz, sum_dz_xmu, bn_weight, bn_bias)
-    return grad_x, grad_weight, grad_bn_weight, grad_bn_bias, None, None, None, None, None, None
+    return grad_x, grad_weight, grad_bn_weight, grad_bn_bias, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("effnet_fast::dwconv_bn_silu", _backward, setup_context=_setup_context)
 
 
-def dwconv_bn_silu_fn(x, weight, bn_weight, bn_bias, running_mean, running_var, training, eps, stride, backend):
-    """Validate, bring x to a supported layout and call the op."""
+def dwconv_bn_silu_fn(x, weight, bn_weight, bn_bias, running_mean, running_var, training, eps, stride, backend,
+                      group=""):
+    """Validate, bring x to a supported layout and call the op (group: see the op)."""
     refuse_unsupported_transforms(LAYER, x)
     x = autocast_input(x)
     weight = autocast_weight(weight, x)
     check_inputs(x, weight, bn_weight, bn_bias, stride)
-    if training:
+    if training and not group:  # synchronised: one value per rank suffices, as nn.SyncBatchNorm
         k = weight.shape[-1]
         out_size = (x.shape[0], x.shape[1], conv_out_size(x.shape[2], k, stride), conv_out_size(x.shape[3], k, stride))
         check_batch_stats(LAYER, out_size, eps)
     return dwconv_bn_silu(as_supported_layout(x), weight.contiguous(), bn_weight, bn_bias,
-                          running_mean, running_var, training, eps, stride, backend)
+                          running_mean, running_var, training, eps, stride, backend, group)
