@@ -10,14 +10,14 @@ pre-activation instead of storing it:
 """
 import torch
 
-from .backends import kernels, resolve_backend
+from .backends import ALL_DTYPES, kernels, resolve_backend
 from .batch_norm import affine_grads, batch_stats, fold, grad_coefficients, local_count, sync_sums
 from .common import acc_dtype, as_supported_layout, memory_format_of
 from .common import check_batch_stats, refuse_double_backward, refuse_unsupported_transforms
 
 LAYER = "FusedConvBNAct (op effnet_fast::bn_silu)"
 
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+DTYPES = ALL_DTYPES  # each backend refuses the ones it does not run, naming its own
 
 
 def check_inputs(y, bn_weight, bn_bias):

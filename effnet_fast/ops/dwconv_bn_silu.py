@@ -9,7 +9,7 @@ weights and per-channel vectors and recomputes the conv output:
 """
 import torch
 
-from .backends import kernels
+from .backends import ALL_DTYPES, kernels
 from .batch_norm import affine_grads, batch_stats, grad_coefficients, local_count, sync_sums
 from .batch_norm import fold as _fold
 from .common import acc_dtype, as_supported_layout, autocast_weight, conv_out_size, memory_format_of
@@ -18,7 +18,7 @@ from .common import autocast_input, check_batch_stats, refuse_double_backward, r
 LAYER = "FusedDWConvBNSiLU (op effnet_fast::dwconv_bn_silu)"
 KERNEL_SIZES = (3, 5)
 STRIDES = (1, 2)
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+DTYPES = ALL_DTYPES  # each backend refuses the ones it does not run, naming its own
 
 
 def check_inputs(x, weight, bn_weight, bn_bias, stride):
