@@ -33,10 +33,11 @@ BATCH = 4  # BATCH // WORLD per rank
 # float64: the two-process run within FLOAT64_TOLERANCE times each tensor's largest
 # magnitude of the one-process run (a missing merge errs by 1e-3 and more). The small
 # model's BatchNorms (a few values per channel at 32x32) amplify rounding; in float32
-# the two-process run must be as close to the float64 result as the one-process
-# float32 run is (FLOAT32_MARGIN times).
+# the two-process run must be as close to the float64 result as one-process float32
+# runs are (FLOAT32_MARGIN times the larger distance of two of them: the fused and the
+# reference layers, which round differently).
 FLOAT64_TOLERANCE = 1e-9
-FLOAT32_MARGIN = 3.0
+FLOAT32_MARGIN = 4.0
 
 
 def build(kind, fused, dtype, device):
@@ -235,18 +236,20 @@ def as_one_list(ranks):
                 grads=ranks[0]["grads"], buffers=ranks[0]["buffers"])
 
 
-def assert_as_accurate(ranks, one, exact, label):
+def assert_as_accurate(ranks, one, other, exact, label):
     """float32: every compared tensor of the two-process run within FLOAT32_MARGIN times
-    the one-process run's distance to the float64 run (plus 1e-6 of its scale)."""
+    the larger distance of the one-process runs `one` and `other` to the float64 run
+    `exact` (plus 1e-6 of its scale)."""
     two = as_one_list(ranks)
-    pairs = [("output", two["out"], one["out"], exact["out"]),
-             ("input gradient", two["grad_x"], one["grad_x"], exact["grad_x"])]
-    pairs += [(f"gradient of {n}", two["grads"][n], one["grads"][n], exact["grads"][n]) for n in exact["grads"]]
-    pairs += [(n, two["buffers"][n], one["buffers"][n], exact["buffers"][n]) for n in exact["buffers"]
-              if exact["buffers"][n].is_floating_point()]
-    for name, got, one_t, want in pairs:
+    pairs = [("output", two["out"], one["out"], other["out"], exact["out"]),
+             ("input gradient", two["grad_x"], one["grad_x"], other["grad_x"], exact["grad_x"])]
+    pairs += [(f"gradient of {n}", two["grads"][n], one["grads"][n], other["grads"][n], exact["grads"][n])
+              for n in exact["grads"]]
+    pairs += [(n, two["buffers"][n], one["buffers"][n], other["buffers"][n], exact["buffers"][n])
+              for n in exact["buffers"] if exact["buffers"][n].is_floating_point()]
+    for name, got, one_t, other_t, want in pairs:
         err_two = (got.double() - want).abs().max().item()
-        err_one = (one_t.double() - want).abs().max().item()
+        err_one = max((one_t.double() - want).abs().max().item(), (other_t.double() - want).abs().max().item())
         bound = FLOAT32_MARGIN * err_one + 1e-6 * want.abs().max().item()
         assert err_two <= bound, f"{label}, {name}: two processes {err_two:.3g} from float64, one process {err_one:.3g}"
     for name in exact["buffers"]:
@@ -270,7 +273,8 @@ def check_case(case, results):
         assert_matches(results, ref, str(case))
     else:
         # float64 through the reference layers (Triton and CUDA kernels do not run float64)
-        assert_as_accurate(results, ref, single_process(case[0], False, torch.float64, case[3]), str(case))
+        assert_as_accurate(results, ref, single_process(case[0], False, case[2], case[3]),
+                           single_process(case[0], False, torch.float64, case[3]), str(case))
 
 
 # (kind, fused, dtype, device); the whole model once in the default run.
