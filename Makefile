@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch and torchvision as pinned for this project's machines (a CUDA 13.0 build that also runs on CPUs).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-all bench bench-model gpu-check clean FORCE
+.PHONY: install demo test test-all bench bench-compare bench-report bench-model gpu-check clean FORCE
 
 $(PY):
 	@echo "== creating $(VENV) (a few seconds)"
@@ -15,7 +15,7 @@ $(PY):
 $(VENV)/.deps: $(PY) pyproject.toml
 	@echo "== installing torch, torchvision and the test tools into $(VENV) (about a minute; once)"
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q pytest pytest-benchmark hypothesis timm numpy scikit-learn tqdm
+	$(PY) -m pip install -q pytest pytest-benchmark hypothesis timm numpy scikit-learn tqdm matplotlib
 	touch $@
 
 # The build's inputs besides its sources: the torch version and the build switches
@@ -48,7 +48,7 @@ FORCE:
 
 demo: install
 	$(PY) -m effnet_fast summary
-	$(PY) -m effnet_fast train --epochs 6 --fused true
+	$(PY) -m effnet_fast train
 	$(PY) -m effnet_fast bench --batch 8 --size 224 --repeats 2 --channels-last
 
 test: install
@@ -57,10 +57,21 @@ test: install
 test-all: install
 	$(PY) -m pytest -q -m "slow or not slow"
 
+# The per-op and model benchmark suite (pytest-benchmark) on the CPU, saved under .benchmarks/;
+# bench-compare reruns it against the last saved run; bench-report writes docs/PERFORMANCE.md's
+# per-op tables and chart from the newest saved run.
+BENCH_ARGS ?= benchmarks/ --benchmark-only -k cpu --benchmark-group-by=group --benchmark-columns=median,min,iqr,rounds
+
 bench: install
-	$(PY) benchmarks/bench_dwconv_bn_silu.py
-	$(PY) benchmarks/bench_squeeze_excite.py
-	$(PY) benchmarks/bench_bn_silu.py
+	$(PY) -m pip install -q matplotlib
+	$(PY) -m pytest $(BENCH_ARGS) --benchmark-autosave
+
+bench-compare: install
+	$(PY) -m pytest $(BENCH_ARGS) --benchmark-compare
+
+bench-report: install
+	$(PY) -m pip install -q matplotlib
+	$(PY) benchmarks/report.py
 
 bench-model: install
 	$(PY) -m pip install -q onnx onnxscript onnxruntime openvino

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One-command GPU check (about 8 minutes at most on an H100, nothing downloaded):
+# One-command GPU check (about 8 minutes at most on an H100 or H200, nothing downloaded):
 #   1. build and install the package with its CUDA extension (sm_90 only, for speed),
 #   2. run the GPU tests (the cases on a CUDA device, every backend),
-#   3. run benchmarks/gpu_bench.py and print its tables.
+#   3. run the benchmark suite on the GPU (pytest benchmarks/ --bench-devices cuda, bounded by
+#      --bench-budget-s; each fused row checked against eager before it is timed),
+#   4. print its tables (benchmarks/report.py) and save them, with the chart, in $LOGS.
 # Logs go to $OUT when set (else /tmp/effnet_fast_gpu_check). PYTHON picks the interpreter.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -54,13 +56,23 @@ EFFNET_FAST_TRITON_AUTOTUNE=0 NVIDIA_TF32_OVERRIDE=0 run_step tests 150 \
     "$PY" -m pytest tests/test_dwconv_bn_silu.py tests/test_squeeze_excite.py tests -m "cuda and not slow" -v -rfEs \
     -p no:cacheprovider --continue-on-collection-errors --junitxml="$LOGS/tests.xml"
 
-# 3. Benchmark: its own budget leaves time for the tables to print before the timeout.
-left=$(( TOTAL_S - $(elapsed) - 30 ))
-(( left > 200 )) && left=200
-run_step bench $(( left + 25 )) "$PY" benchmarks/gpu_bench.py --budget-s "$left" --json "$LOGS/gpu_bench.json"
+# 3. Benchmark suite on the GPU: the ops in priority order (the depthwise op first), float32 and
+# bfloat16, both layouts, eval and training; the cases that would start after the budget are
+# skipped, so the JSON of those run is always written.
+left=$(( TOTAL_S - $(elapsed) - 40 ))
+(( left > 220 )) && left=220
+run_step bench $(( left + 30 )) "$PY" -m pytest benchmarks/ -q -p no:cacheprovider --benchmark-only \
+    --bench-devices cuda --bench-ops dwconv_bn_silu,model,bn_silu,squeeze_excite_project,squeeze_excite \
+    --bench-time 0.05 --bench-min-rounds 10 --bench-budget-s "$left" \
+    --benchmark-json "$LOGS/bench.json" --benchmark-group-by=group --benchmark-columns=median,min,rounds
+
+# 4. The tables (markdown, as in docs/PERFORMANCE.md) and the chart.
+"$PY" benchmarks/report.py "$LOGS/bench.json" --doc "$LOGS/PERFORMANCE_gpu.md" --png "$LOGS/performance_cuda.png" \
+    --command "bash benchmarks/gpu_check.sh" >"$LOGS/report.log" 2>&1 || tail -n 5 "$LOGS/report.log"
 
 echo
 echo "== summary (total $(elapsed)s, logs in $LOGS)"
 echo "tests: $(grep -c ' PASSED' "$LOGS/tests.log") passed, $(grep -c ' FAILED' "$LOGS/tests.log") failed"
 grep -E "^(FAILED|ERROR)| (passed|failed|skipped|errors?)( |,|$)" "$LOGS/tests.log" | tail -n 15
-sed -n '/^\(B0 train step\|(ms; \)/,$p' "$LOGS/bench.log"
+grep -E "passed|failed|skipped" "$LOGS/bench.log" | tail -n 3
+[ -f "$LOGS/PERFORMANCE_gpu.md" ] && cat "$LOGS/PERFORMANCE_gpu.md"

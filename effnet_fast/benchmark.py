@@ -6,30 +6,6 @@ import torch
 import torch.nn.functional as F
 
 
-def wall_times(fn, repeats=3, warmup=1):
-    """Sorted wall times of `repeats` calls of fn() after `warmup` calls (fn must
-    synchronize its device itself)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)
-
-
-def median_seconds(fn, repeats=3, warmup=1):
-    times = wall_times(fn, repeats, warmup)
-    return times[len(times) // 2]
-
-
-def best_seconds(fn, repeats=5, warmup=1):
-    """Fastest call: on a shared machine the slower ones measure time slices lost to
-    other processes, not the code."""
-    return wall_times(fn, repeats, warmup)[0]
-
-
 def times_in_turns(fns, repeats, warmup=1):
     """Sorted wall times of each fn, the fns taking turns (one call each per round) so
     that drift on a shared machine spreads evenly over them; fn must synchronize its
@@ -53,6 +29,36 @@ def median(times):
 def synchronizer(device):
     device = torch.device(device)
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def synchronized(fn, device):
+    """fn followed by a wait for `device` (CUDA: torch.cuda.synchronize), so that a wall
+    clock around one call measures the work it queued; returns fn's result."""
+    sync = synchronizer(device)
+
+    def run():
+        out = fn()
+        sync()
+        return out
+    return run
+
+
+def rounds_for(fn, min_rounds=5, target_seconds=0.3, max_rounds=200):
+    """How many timed calls of fn (already warmed up, synchronizing itself) fill about
+    `target_seconds`, between min_rounds and max_rounds; from the median of 3 calls."""
+    seconds = median(times_in_turns([fn], 3, warmup=0)[0])
+    return int(min(max_rounds, max(min_rounds, target_seconds / max(seconds, 1e-9))))
+
+
+def copy_bandwidth(device="cpu", nbytes=None, repeats=5):
+    """Bytes per second of a large float32 tensor copy on `device`, read and write counted
+    (512 MiB on a CPU, 1 GiB on a GPU), the fastest of `repeats` copies."""
+    device = torch.device(device)
+    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 512 << 20)
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    seconds = times_in_turns([synchronized(lambda: dst.copy_(src), device)], repeats, warmup=2)[0][0]
+    return 2 * nbytes / seconds
 
 
 def eval_forward(model, x, run=None):
@@ -111,7 +117,6 @@ def bench_models(version, fused, device, batch, size, channels_last, repeats, tr
     before timing; raises AssertionError when they disagree."""
     from .model import EfficientNet
     device = torch.device(device)
-    sync = synchronizer(device)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, size, size, generator=gen).to(device)
     target = torch.randint(0, 1000, (batch,), generator=gen).to(device)
@@ -129,7 +134,7 @@ def bench_models(version, fused, device, batch, size, channels_last, repeats, tr
     expected, actual = (eval_forward(m, x) for m in models)
     torch.testing.assert_close(actual, expected, atol=1e-3, rtol=1e-3,
                                msg=lambda m: f"the fused model's eval output differs from the reference: {m}")
-    rows = [_row("eval forward", [lambda m=m: (eval_forward(m, x), sync()) for m in models], repeats)]
+    rows = [_row("eval forward", [synchronized(lambda m=m: eval_forward(m, x), device) for m in models], repeats)]
     if train:
         opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in models]
         states = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
@@ -143,7 +148,7 @@ def bench_models(version, fused, device, batch, size, channels_last, repeats, tr
                                  "ill-conditioned: try a larger --batch or --size)")
         for m, s in zip(models, states):
             m.load_state_dict(s)
-        rows.append(_row("training step", [lambda m=m, o=o: (train_step(m, o, x, target), sync())
+        rows.append(_row("training step", [synchronized(lambda m=m, o=o: train_step(m, o, x, target), device)
                                            for m, o in zip(models, opts)], repeats))
     return rows
 
