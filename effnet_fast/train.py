@@ -29,10 +29,11 @@ from .model import VARIANTS, EfficientNet
 
 CHECKPOINT_FORMAT = "effnet_fast.train"
 CHECKPOINT_VERSION = 1
-DEFAULT_OUT = os.path.join("runs", "train", "checkpoint.pt")
+DEFAULT_OUT = os.path.join("checkpoints", "train.pt")
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Defaults per optimiser when --lr / --weight-decay are not given (lr for batch 64, scaled linearly).
-OPT_DEFAULTS = {"sgd": dict(lr=0.05, weight_decay=5e-4), "adamw": dict(lr=2e-3, weight_decay=0.05)}
+# Defaults per optimiser when --lr / --weight-decay are not given; SGD's lr is for a global
+# batch of 256 and scaled linearly (AdamW's is not scaled).
+OPT_DEFAULTS = {"sgd": dict(lr=0.1, weight_decay=5e-5), "adamw": dict(lr=3e-3, weight_decay=0.05)}
 PROGRESS_EVERY_S = 30.0  # plain progress lines (stdout not a terminal) at most this often
 INIT_LAYOUTS = ("auto", "effnet_fast", "torchvision", "timm")
 
@@ -96,7 +97,8 @@ def add_command(sub):
                    help="fused kernels: auto picks the fastest built backend for --device")
     g.add_argument("--device", type=device_arg, default=default_device(), help="cpu, cuda or cuda:N (under "
                    "torchrun, cuda means cuda:LOCAL_RANK)")
-    g.add_argument("--channels-last", action="store_true", help="channels_last model and inputs")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels_last model and inputs (the fused kernels' fast layout)")
     g.add_argument("--dropout", type=_float_in(0, 1, high_open=True), help="before the classifier "
                    "(default: 0.1 for digits, the variant's otherwise)")
     g.add_argument("--drop-path", type=_float_in(0, 1, high_open=True), help="stochastic depth of the last block "
@@ -107,11 +109,11 @@ def add_command(sub):
                    help="layout of --init (timm's must be named)")
     g.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across processes")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=positive_int, default=8)
+    g.add_argument("--epochs", type=positive_int, default=5)
     g.add_argument("--batch", type=positive_int, default=32, help="batch size per process")
-    g.add_argument("--opt", default="sgd", choices=sorted(OPT_DEFAULTS))
-    g.add_argument("--lr", type=_float_in(0, math.inf, low_open=True), help="peak learning rate (default: "
-                   + ", ".join(f"{k} {v['lr']:g}" for k, v in OPT_DEFAULTS.items()) + ", times batch x processes / 64)")
+    g.add_argument("--opt", default="adamw", choices=sorted(OPT_DEFAULTS))
+    g.add_argument("--lr", type=_float_in(0, math.inf, low_open=True), help="peak learning rate (default: adamw "
+                   f"{OPT_DEFAULTS['adamw']['lr']:g}; sgd {OPT_DEFAULTS['sgd']['lr']:g} x batch x processes / 256)")
     g.add_argument("--momentum", type=_float_in(0, 1, high_open=True), default=0.9, help="SGD (Nesterov) momentum")
     g.add_argument("--weight-decay", type=_float_in(0, math.inf), help="not applied to BatchNorm and biases "
                    "(default: " + ", ".join(f"{k} {v['weight_decay']:g}" for k, v in OPT_DEFAULTS.items()) + ")")
@@ -175,8 +177,8 @@ def check_args(parser, args):
     for name in ("lr", "weight_decay"):
         if getattr(args, name) is None:
             value = OPT_DEFAULTS[args.opt][name]
-            if name == "lr":
-                value *= args.batch * world_size() / 64
+            if name == "lr" and args.opt == "sgd":
+                value *= args.batch * world_size() / 256
             setattr(args, name, value)
     try:
         args.loaded_data = load_data(args.data, args.dataset, args.size, args.val_fraction, args.seed, args.limit,
@@ -496,9 +498,6 @@ def make_model(args, num_classes, device):
     return model
 
 
-ZERO_INIT_RESIDUAL = os.environ.get("ZR", "1") == "1"
-
-
 def zero_init(model, classifier=True, residual=True):
     """A new classifier starts at zero (the first loss is ln(classes), not the
     several times larger loss of random logits); from scratch, the last BatchNorm of
@@ -607,7 +606,7 @@ def _train(args, dist_ctx, stop, log, plot, on_epoch_end):
     if init is not None:
         model.load_state_dict(init["state_dict"], strict=not init["new_classifier"])
     if init is None or init["new_classifier"]:
-        zero_init(model, classifier=True, residual=init is None and ZERO_INIT_RESIDUAL)
+        zero_init(model, classifier=True, residual=init is None)
     _place(model, args, device)
     if args.sync_bn and dist_ctx.world > 1:
         from .distributed import convert_sync_batchnorm
@@ -805,8 +804,10 @@ def _train(args, dist_ctx, stop, log, plot, on_epoch_end):
             say(f"checkpoint:  {args.out}")
             if log:
                 say(f"metrics log: {metrics_path}")
-            say(f"plot:        {plot_path}" if result["plot"] else f"plot:        skipped, {plot_note}"
-                if plot_note else "")
+            if result["plot"]:
+                say(f"plot:        {plot_path}")
+            elif plot_note:
+                say(f"plot:        skipped, {plot_note}")
             say(f"next:        effnet-fast predict IMAGE --weights {args.out}   |   "
                 f"effnet-fast export --weights {args.out} --format onnx --out model.onnx")
     return result

@@ -32,7 +32,7 @@ def test_train_one_epoch(capsys, tmp_path):
     pytest.importorskip("sklearn")
     out = tmp_path / "digits.pt"
     main(["train", "--epochs", "1", "--size", "16", "--batch", "32", "--limit", "64", "--fused", "reference", "--out", str(out)])
-    assert "epoch 1: loss" in capsys.readouterr().out
+    assert "epoch 1/1: loss" in capsys.readouterr().out
     assert out.exists()
 
 
