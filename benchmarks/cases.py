@@ -277,11 +277,12 @@ def build_layer(case):
     channels = case.shape[0]
     x = torch.randn(case.batch, channels, size, size, generator=gen)
     _randomize_affine(eager, 2)
+    eager, x = eager.to(device), x.to(device)
     if any(isinstance(m, nn.BatchNorm2d) for m in eager.modules()):
         # Running statistics as a trained network's: batch statistics of inputs like x.
         calibrate_bn(eager, x)
-    eager = eager.to(device=device, dtype=dtype, memory_format=fmt)
-    x = x.to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+    eager = eager.to(dtype=dtype, memory_format=fmt)
+    x = x.to(dtype=dtype).contiguous(memory_format=fmt)
     if case.impl == "compile":
         torch._dynamo.reset()  # each shape compiles afresh, never hitting the recompile limit
         impl_module = torch.compile(eager, dynamic=False)
@@ -323,19 +324,26 @@ def _module_bench(module, x, grad, train, nbytes):
     return Bench(run, outputs, nbytes)
 
 
+@functools.lru_cache(maxsize=1)
+def _calibrated_model(version, batch, size, device):
+    """A float32 `version` on `device` with BN statistics calibrated on batch x size x size
+    random images (at least 16: see effnet_fast.benchmark.bench_models); one kept, copied
+    by each case."""
+    from effnet_fast import EfficientNet
+    torch.manual_seed(0)
+    base = EfficientNet(version).to(device)
+    return calibrate_bn(base, torch.empty(max(batch, 16), 3, size, size, device=device))
+
+
 def build_model(case):
     """(Bench for case.impl, Bench for eager) of the whole B0: eval forward or one SGD step."""
-    from effnet_fast import EfficientNet
     device = torch.device(case.device)
     dtype, fmt = DTYPES[case.dtype], LAYOUTS[case.layout]
     size = min(MODEL_SIZE, case.max_size) if case.max_size else MODEL_SIZE
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(case.batch, 3, size, size, generator=gen)
     y = torch.randint(0, 1000, (case.batch,), generator=gen).to(device)
-    torch.manual_seed(0)
-    base = EfficientNet(case.shape[0])
-    # At least 16 images for the statistics (see effnet_fast.benchmark.bench_models).
-    calibrate_bn(base, x.new_empty((max(case.batch, 16),) + tuple(x.shape[1:])))
+    base = _calibrated_model(case.shape[0], case.batch, size, case.device)
     x = x.to(device=device, dtype=dtype).contiguous(memory_format=fmt)
 
     def variant(impl):
