@@ -124,6 +124,10 @@ def add_command(sub):
     g.add_argument("--ema", action="store_true", help="keep an exponential moving average of the weights and "
                    "evaluate (and export) it")
     g.add_argument("--ema-decay", type=_float_in(0, 1, True, True), default=0.998)
+    g.add_argument("--bn-calibrate", type=_non_negative_int, metavar="N",
+                   help="before each evaluation, recompute the BatchNorm running statistics over N training "
+                   "batches (0: off; default: min(16, steps per epoch // 4) when an epoch has under 1000 steps, "
+                   "where the running averages lag the fast-changing weights, else 0)")
     g.add_argument("--seed", type=_non_negative_int, default=0)
     g = p.add_argument_group("output")
     g.add_argument("--out", default=DEFAULT_OUT, help="checkpoint, written after every epoch; the metrics log "
@@ -136,7 +140,7 @@ def add_command(sub):
 OPTION_NAMES = ("data", "dataset", "val_fraction", "size", "crop_scale", "hflip", "limit", "workers", "version",
                 "fused", "device", "channels_last", "dropout", "drop_path", "init", "init_layout", "sync_bn",
                 "epochs", "batch", "opt", "lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing",
-                "amp", "ema", "ema_decay", "seed", "out", "resume")
+                "amp", "ema", "ema_decay", "bn_calibrate", "seed", "out", "resume")
 
 
 def plain_args(args):
@@ -521,6 +525,36 @@ def _place(model, args, device):
 
 
 @torch.no_grad()
+def calibrate_batch_norm(model, loader, batches, device, args):
+    """Running statistics of every BatchNorm recomputed as the plain average over
+    `batches` training batches (train-mode forward, no gradients): after a short epoch
+    the exponential averages still remember the weights of many steps ago."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns or batches == 0:
+        return
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    was_training = model.training
+    model.train()
+    amp = AMP_DTYPES[args.amp]
+    try:
+        for i, (x, _) in enumerate(loader):
+            if i >= batches:
+                break
+            x = x.to(device, non_blocking=True)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                model(x)
+    finally:
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
+        model.train(was_training)
+
+
+@torch.no_grad()
 def evaluate(model, loader, device, args, dist_ctx, num_classes):
     """(loss, top-1, top-k) over the validation set, reduced across processes."""
     model.eval()
@@ -627,6 +661,11 @@ def _train(args, dist_ctx, stop, log, plot, on_epoch_end):
     # Worker seeds from these generators (not the global RNG): a function of (seed, epoch, rank).
     train_loader.generator, val_loader.generator = torch.Generator(), torch.Generator()
     steps = len(train_sampler) // args.batch
+    calibrate = args.bn_calibrate if args.bn_calibrate is not None else (min(16, max(1, steps // 4))
+                                                                         if steps < 1000 else 0)
+    calib_sampler = EpochSampler(len(data.train), args.seed + 1, dist_ctx.rank, dist_ctx.world)
+    calib_loader = make_loader(data.train, args.batch, calib_sampler, args.workers, pin)
+    calib_loader.generator = torch.Generator()
 
     opt_cls = torch.optim.SGD if args.opt == "sgd" else torch.optim.AdamW
     opt_kwargs = dict(momentum=args.momentum, nesterov=args.momentum > 0) if args.opt == "sgd" else {}
@@ -686,7 +725,9 @@ def _train(args, dist_ctx, stop, log, plot, on_epoch_end):
     say(f"{args.epochs} epochs x {steps} steps of {args.batch}"
         f"{f' x {dist_ctx.world} processes' if dist_ctx.world > 1 else ''}, {args.opt} lr {args.lr:g} "
         f"(warmup {args.warmup_epochs:g} epochs, cosine), weight decay {args.weight_decay:g}, "
-        f"label smoothing {args.label_smoothing:g}{', EMA ' + format(args.ema_decay, 'g') if ema else ''}{resumed}")
+        f"label smoothing {args.label_smoothing:g}{', EMA ' + format(args.ema_decay, 'g') if ema else ''}"
+        f"{f', BatchNorm statistics recomputed over {calibrate} batches before each evaluation' if calibrate else ''}"
+        f"{resumed}")
     if init is not None:
         say(f"initial weights: {args.init} ({init['layout']} layout"
             f"{', new classifier for ' + str(num_classes) + ' classes' if init['new_classifier'] else ''})")
@@ -762,8 +803,12 @@ def _train(args, dist_ctx, stop, log, plot, on_epoch_end):
                 f"continue with --resume {args.out}")
             break
         loss_sum, correct, seen = dist_ctx.sum(sums)
-        val_loss, top1, top5 = evaluate(ema.module if ema is not None else model, val_loader, device, args,
-                                        dist_ctx, num_classes)
+        evaluated = ema.module if ema is not None else model
+        if calibrate:
+            calib_sampler.set_epoch(epoch)
+            calib_loader.generator.manual_seed(args.seed * 1_000_003 + epoch * 1009 + dist_ctx.rank + 1)
+            calibrate_batch_norm(evaluated, calib_loader, calibrate, device, args)
+        val_loss, top1, top5 = evaluate(evaluated, val_loader, device, args, dist_ctx, num_classes)
         record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                   "val_loss": val_loss, "val_top1": top1, "val_top5": top5, "lr": optimizer.param_groups[0]["lr"],
                   "images_per_s": seen_here * dist_ctx.world / epoch_time, "epoch_s": epoch_time,

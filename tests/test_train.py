@@ -29,7 +29,7 @@ def losses(history):
 
 def test_two_epochs_learn_above_chance(tmp_path):
     out = tmp_path / "ck.pt"
-    result = run([*TINY, "--epochs", "2", "--limit", "320", "--out", str(out)])
+    result = run([*TINY, "--epochs", "2", "--limit", "160", "--out", str(out)])
     history = result["history"]
     assert len(history) == 2
     assert history[-1]["val_top1"] > 0.3, history  # chance: 0.1
@@ -42,13 +42,13 @@ def test_two_epochs_learn_above_chance(tmp_path):
 def uninterrupted(tmp_path_factory):
     """Two epochs straight through (the reference for the resume tests)."""
     out = tmp_path_factory.mktemp("straight") / "ck.pt"
-    result = run([*TINY, "--epochs", "2", "--limit", "64", "--ema", "--out", str(out)], plot=False)
+    result = run([*TINY, "--epochs", "2", "--limit", "48", "--ema", "--out", str(out)], plot=False)
     return result["history"]
 
 
 def test_resume_repeats_the_uninterrupted_losses(tmp_path, uninterrupted):
     out = tmp_path / "ck.pt"
-    argv = [*TINY, "--epochs", "2", "--limit", "64", "--ema", "--out", str(out)]
+    argv = [*TINY, "--epochs", "2", "--limit", "48", "--ema", "--out", str(out)]
     first = run(argv, plot=False, on_epoch_end=lambda record: True)  # stop after epoch 1
     assert len(first["history"]) == 1
     ckpt = torch.load(out, map_location="cpu", weights_only=True)
@@ -79,7 +79,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
 
 def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path, uninterrupted):
     out = tmp_path / "ck.pt"
-    argv = [*TINY, "--epochs", "2", "--limit", "64", "--ema", "--out", str(out)]
+    argv = [*TINY, "--epochs", "2", "--limit", "48", "--ema", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "effnet_fast", "train", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     output = []
