@@ -29,8 +29,8 @@ KERNELS = [
 ]
 # Kernels that spill today (strict: the test says so once they no longer do).
 KNOWN_SPILLS = {
-    "dwconv_bn_silu._backward_dy_nhwc": "k = 5 channels_last: 25 weight-gradient sums per channel and the 5x5 "
-                                        "window exceed 255 registers; ptxas spills on sm_80 and sm_90",
+    "dwconv_bn_silu._backward_dy_nhwc": "k = 5, channels_last: 255 registers and spills (8-76 bytes) in every "
+                                        "config and dtype on sm_80 and sm_90 (docs/CUDA_RESOURCES.md)",
 }
 
 
@@ -83,11 +83,23 @@ def test_compiles_without_spills(quick_report, kernel):
     assert not problems, f"{kernel}:\n" + "\n".join(problems)
 
 
+# Builds of the full sweep that spill today, beyond KNOWN_SPILLS (kernel, config index, variant, dtype,
+# arch): ptxas spills these two float16 k = 3 builds on sm_90 while the larger k = 5 ones fit.
+KNOWN_SPILLING_BUILDS = {
+    ("dwconv_bn_silu._backward_reduce_nchw", 2, "K=3", "fp16", 90),
+    ("dwconv_bn_silu._stats_nhwc", 0, "K=3", "fp16", 90),
+}
+
+
 @pytest.mark.slow
 def test_every_config_dtype_and_variant(tmp_path):
     results, summary = _run(tmp_path, timeout=3600)
-    problems = {k: _problems(results, k) for k in KERNELS}
-    unexpected = {k: p for k, p in problems.items() if p and k not in KNOWN_SPILLS}
-    assert not unexpected, summary
-    fixed = [k for k in KNOWN_SPILLS if not problems[k]]
-    assert not fixed, f"no longer spilling, remove from KNOWN_SPILLS: {fixed}"
+    errors = [r for r in results if "error" in r]
+    assert not errors, summary
+    spilling = {(f"{r['module']}.{r['attr']}", r["config"], ", ".join(f"{k}={v}" for k, v in r["variant"].items()),
+                 r["dtype"], r["arch"]) for r in results if r["spill_st"] or r["spill_ld"] or r["stack"] or r["local"]}
+    unexpected = {b for b in spilling if b[0] not in KNOWN_SPILLS and b not in KNOWN_SPILLING_BUILDS}
+    assert not unexpected, "\n".join(map(str, sorted(unexpected))) + "\n" + summary
+    fixed = [k for k in KNOWN_SPILLS if not any(b[0] == k for b in spilling)]
+    fixed += [b for b in KNOWN_SPILLING_BUILDS if b not in spilling]
+    assert not fixed, f"no longer spilling, remove from the known lists: {fixed}"
