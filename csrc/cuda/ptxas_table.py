@@ -2,6 +2,9 @@
 registers, static shared memory, stack frame and spills per kernel and architecture.
 
 Usage: python csrc/cuda/ptxas_table.py /tmp/cuda_build.log
+
+The CUDA C++ part of docs/CUDA_RESOURCES.md; the Triton part comes from
+benchmarks/triton_aot.py (python benchmarks/report.py --aot-only).
 """
 import re
 import subprocess
