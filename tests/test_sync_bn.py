@@ -91,16 +91,32 @@ def single_process(kind, fused, dtype, device):
     return step(model, x, w, BATCH)
 
 
-def two_process_step(rank, kind, fused, dtype, device, group=None, wrap=True):
+def two_process_step(rank, kind, fused, dtype, device, group=None, wrap=True, evaluate=False):
     model = convert_sync_batchnorm(build(kind, fused, dtype, device), group)
     x, w = batch(kind, dtype, device)
     half = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
     # DDP averages the gradients over the ranks: each rank's loss is its share of the mean.
-    model = DDP(model, process_group=group) if wrap else model
-    result = step(model, x[half], w[half], BATCH // WORLD)
+    wrapped = DDP(model, process_group=group) if wrap else model
+    result = step(wrapped, x[half], w[half], BATCH // WORLD)
     if wrap:  # the gradient of the averaged loss, as DDP gives the parameters
         result["grad_x"] = result["grad_x"] / WORLD
+    if evaluate:
+        result.update(evaluate_without_communication(model, x[half]))
     return result
+
+
+def evaluate_without_communication(model, x):
+    """Eval-mode outputs after the step, through the ops (a gradient needed) and folded
+    (no_grad), with every collective of the BatchNorms made to fail."""
+    def refuse(*args):
+        raise AssertionError("a BatchNorm communicated in eval mode")
+
+    model.eval()
+    with patched("merge_batch_stats", refuse), patched("all_reduce_sum", refuse):
+        out_ops = model(x.clone().requires_grad_()).detach()
+        with torch.no_grad():
+            out_folded = model(x)
+    return dict(eval_ops=out_ops, eval_folded=out_folded)
 
 
 @contextlib.contextmanager
@@ -151,6 +167,8 @@ def _worker(rank, port, cases, out_dir, backend_name, checks):
             results["no forward merge"] = two_process_step(rank, *case)
         with patched("all_reduce_sum", lambda t, group: t.clone()):
             results["no backward all-reduce"] = two_process_step(rank, *case)
+    if "eval" in checks:
+        results["eval"] = two_process_step(rank, "layers", "cpu", torch.float64, "cpu", evaluate=True)
     if "one rank" in checks:
         # A group of one rank: no communication, the rank's half as one process computes it.
         groups = [dist.new_group([r]) for r in range(WORLD)]
@@ -297,7 +315,7 @@ def usable_cases(cases):
 def cpu_run(tmp_path_factory):
     """One spawn of two processes for every default CPU check."""
     usable = usable_cases(CPU_CASES)
-    return usable, spawn(tmp_path_factory.mktemp("sync_bn"), usable, checks=("controls", "one rank", "errors"))
+    return usable, spawn(tmp_path_factory.mktemp("sync_bn"), usable, checks=("controls", "eval", "one rank", "errors"))
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: f"{c[0]}-{c[1]}-{str(c[2])[6:]}")
@@ -334,6 +352,7 @@ def test_without_the_sync_the_comparison_fails(cpu_run, control):
         pytest.skip("backend 'cpu' not built")
     ref = single_process("layers", "cpu", torch.float64, "cpu")
     results = [r[control] for r in ranks]
+    report(control, results, ref)
     diffs = differences(results, ref)
     assert diffs["grad_x"] > 1e-3, diffs
     if control == "no forward merge":
@@ -342,6 +361,22 @@ def test_without_the_sync_the_comparison_fails(cpu_run, control):
         assert diffs["out"] < 1e-10
     with pytest.raises(AssertionError):
         assert_matches(results, ref, control)
+
+
+def test_eval_mode_does_not_communicate(cpu_run):
+    """After a synchronised step, eval mode uses the (equal) running statistics on each
+    rank without a collective, through the ops and through the folded path."""
+    cases, ranks = cpu_run
+    if ("layers", "cpu", torch.float64, "cpu") not in cases:
+        pytest.skip("backend 'cpu' not built")
+    model = build("layers", "cpu", torch.float64, "cpu")
+    x, w = batch("layers", torch.float64, "cpu")
+    step(model, x, w, BATCH)
+    with torch.no_grad():
+        want = model.eval()(x)
+    for key in ("eval_ops", "eval_folded"):
+        got = torch.cat([r["eval"][key] for r in ranks])
+        assert_close_to_scale(got, want, key)
 
 
 def test_group_of_one_rank_is_plain_batchnorm(cpu_run):
@@ -393,15 +428,15 @@ def test_sync_batch_norm_op_without_group():
     """The projection BatchNorm's op with no group is nn.BatchNorm2d in training mode:
     output, gradients (gradcheck) and the statistics it returns; opcheck."""
     torch.manual_seed(5)
-    y = (torch.randn(3, 4, 5, 6, dtype=torch.float64) * 2 + 0.5).requires_grad_()
-    w = torch.rand(4, dtype=torch.float64).add(0.5).requires_grad_()
-    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    y = (torch.randn(2, 3, 3, 4, dtype=torch.float64) * 2 + 0.5).requires_grad_()
+    w = torch.rand(3, dtype=torch.float64).add(0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
     out, mean, var, count = batch_norm_ops.sync_batch_norm_op(y, w, b, 1e-5, "")
     ref = torch.nn.functional.batch_norm(y, None, None, w, b, True, 0.0, 1e-5)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(mean, y.mean(dim=(0, 2, 3)))
     torch.testing.assert_close(var, y.var(dim=(0, 2, 3), unbiased=False))
-    assert count.item() == 3 * 5 * 6
+    assert count.item() == 2 * 3 * 4
     assert torch.autograd.gradcheck(lambda *a: batch_norm_ops.sync_batch_norm_op(*a, 1e-5, "")[0], (y, w, b))
     torch.library.opcheck(torch.ops.effnet_fast.sync_batch_norm.default, (y.float(), w.float(), b.float(), 1e-5, ""))
 
