@@ -138,7 +138,8 @@ def test_cifar10_folder_trains(tmp_path):
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f, protocol=2)
     out = tmp_path / "ck.pt"
-    result = run(["--data", str(tmp_path), "--batch", "4", "--epochs", "1", "--out", str(out)], plot=False)
+    result = run(["--data", str(tmp_path), "--batch", "4", "--epochs", "1", "--amp", "bf16", "--out", str(out)],
+                 plot=False)  # bf16 autocast on the CPU too
     assert len(result["history"]) == 1
     ckpt = torch.load(out, map_location="cpu", weights_only=True)
     assert ckpt["model"]["classes"][:2] == ["c0", "c1"] and ckpt["preprocess"]["dataset"] == "cifar10"
