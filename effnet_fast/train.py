@@ -480,8 +480,8 @@ class Progress:
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.update(1)
             self.bar.set_postfix_str(f"loss {loss:.3f}, {images_per_s:.0f} img/s", refresh=False)
+            self.bar.update(1)
             return
         now = time.perf_counter()
         if now - self.last_print >= PROGRESS_EVERY_S and step < self.steps:
