@@ -594,7 +594,9 @@ def plot_history(history, path):
     ax_acc.plot(epochs, [h["val_top1"] for h in history], "o-", label="validation top-1")
     ax_acc.plot(epochs, [h["val_top5"] for h in history], "o--", label="validation top-5")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1.02))
+    from matplotlib.ticker import MaxNLocator
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
