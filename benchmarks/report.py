@@ -138,6 +138,19 @@ def machine_line(data, rows):
     return "; ".join(parts)
 
 
+def _load_warning(rows):
+    """A warning paragraph when other processes kept the CPUs busy during a CPU run."""
+    loads = [r["loadavg"] for r in rows if r.get("loadavg") is not None and r["device"] == "cpu"]
+    threads = max((r.get("threads") or 1 for r in rows), default=1)
+    if not loads or max(loads) < 1.0:
+        return []
+    return [f"**The machine was loaded during this run** (1-minute load average up to {max(loads):.1f} with "
+            f"{threads} threads timed): other processes took CPU time from the timed calls, so times are "
+            "inflated and noisy (many come out near multiples of the scheduler's time slice) and the copy "
+            "bandwidth, hence the floor, is low. Compare only ratios within one row, and rerun on a quiet "
+            "machine before drawing conclusions.", ""]
+
+
 def markdown(data, rows, command):
     commit = data.get("commit_info", {})
     bandwidths = {r["device"]: r["bandwidth_gbs"] for r in rows if "bandwidth_gbs" in r}
@@ -151,6 +164,7 @@ def markdown(data, rows, command):
            "Copy bandwidth (read + write, the floor's divisor): "
            + ", ".join(f"{d} {bw:.1f} GB/s" for d, bw in sorted(bandwidths.items())),
            "",
+           ] + _load_warning(rows) + [
            "Times are pytest-benchmark medians in ms. `x eager` = eager time / implementation time (above 1: "
            "faster than eager). The floor is the bytes that must move (eval: input read once + output written "
            "once; training: also grad_out read and grad_x written) over the copy bandwidth; `x floor` = time / "
