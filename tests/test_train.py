@@ -19,6 +19,16 @@ pytest.importorskip("torchvision")
 TINY = ["--size", "32", "--batch", "16", "--workers", "0"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tiny models gain nothing from a second thread, and on a busy machine two
+    threads of one process mostly wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run(argv, **kwargs):
     return train(parse_args(["train", *argv]), **kwargs)
 
@@ -42,13 +52,13 @@ def test_two_epochs_learn_above_chance(tmp_path):
 def uninterrupted(tmp_path_factory):
     """Two epochs straight through (the reference for the resume tests)."""
     out = tmp_path_factory.mktemp("straight") / "ck.pt"
-    result = run([*TINY, "--epochs", "2", "--limit", "48", "--ema", "--out", str(out)], plot=False)
+    result = run([*TINY, "--epochs", "2", "--limit", "32", "--ema", "--out", str(out)], plot=False)
     return result["history"]
 
 
 def test_resume_repeats_the_uninterrupted_losses(tmp_path, uninterrupted):
     out = tmp_path / "ck.pt"
-    argv = [*TINY, "--epochs", "2", "--limit", "48", "--ema", "--out", str(out)]
+    argv = [*TINY, "--epochs", "2", "--limit", "32", "--ema", "--out", str(out)]
     first = run(argv, plot=False, on_epoch_end=lambda record: True)  # stop after epoch 1
     assert len(first["history"]) == 1
     ckpt = torch.load(out, map_location="cpu", weights_only=True)
@@ -79,9 +89,9 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
 
 def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path, uninterrupted):
     out = tmp_path / "ck.pt"
-    argv = [*TINY, "--epochs", "2", "--limit", "48", "--ema", "--out", str(out)]
+    argv = [*TINY, "--epochs", "2", "--limit", "32", "--ema", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "effnet_fast", "train", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     output = []
     for line in proc.stdout:
         output.append(line)
