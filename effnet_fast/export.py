@@ -104,7 +104,9 @@ def _umask():
 
 
 def add_command(sub):
-    from .cli import HelpFormatter, positive_int
+    from .cli import positive_int
+    from .train import help_formatter
+    HelpFormatter = help_formatter()
     p = sub.add_parser("export", formatter_class=HelpFormatter,
                        help="export a checkpoint to ONNX or a torch.export program (.pt2), verified",
                        description="From the reference (unfused) layers of the weights; the exported file is "
@@ -114,7 +116,7 @@ def add_command(sub):
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, metavar="FILE")
     p.add_argument("--size", type=positive_int, help="input size (default: the checkpoint's training size)")
-    p.add_argument("--static-batch", action="store_true", help="fix the batch size (default: dynamic)")
+    p.add_argument("--static-batch", action="store_true", help="fix the batch size of the exported model (the batch dimension is dynamic otherwise)")
     p.set_defaults(func=run_command, check=functools.partial(check_args, p))
     return p
 

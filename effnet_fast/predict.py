@@ -91,7 +91,9 @@ def predict(paths, weights, topk=5, fused=False, device="cpu"):
 
 
 def add_command(sub):
-    from .cli import HelpFormatter, default_device, device_arg, fused_arg, positive_int
+    from .cli import default_device, device_arg, fused_arg, positive_int
+    from .train import help_formatter
+    HelpFormatter = help_formatter()
     p = sub.add_parser("predict", formatter_class=HelpFormatter,
                        help="top-k classes of images, with a checkpoint of `train`",
                        description="Class names and preprocessing come from the training checkpoint (the EMA "
@@ -99,9 +101,9 @@ def add_command(sub):
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--weights", required=True, metavar="PATH", help="checkpoint of `effnet-fast train` or a state "
                    "dict of ours")
-    p.add_argument("--topk", type=positive_int, default=5)
-    p.add_argument("--fused", type=fused_arg, default="off", metavar="{off,auto,cpu,cuda,triton}")
-    p.add_argument("--device", type=device_arg, default=default_device())
+    p.add_argument("--topk", type=positive_int, default=5, help="classes shown per image")
+    p.add_argument("--fused", type=fused_arg, default="off", metavar="{off,auto,cpu,cuda,triton}", help="fused kernels")
+    p.add_argument("--device", type=device_arg, default=default_device(), help="cpu, cuda or cuda:N")
     p.set_defaults(func=run_command, check=functools.partial(check_args, p))
     return p
 

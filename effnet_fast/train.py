@@ -65,9 +65,23 @@ def _non_negative_int(value):
     return number
 
 
+def help_formatter():
+    """The command line's formatter, without "(default: None)" after options whose
+    help says what their absence means."""
+    from .cli import HelpFormatter
+
+    class Formatter(HelpFormatter):
+        def _get_help_string(self, action):
+            if action.default is None:
+                return action.help
+            return super()._get_help_string(action)
+    return Formatter
+
+
 def add_command(sub):
     """The `train` subcommand of the command line."""
-    from .cli import HelpFormatter, default_device, device_arg, fused_arg, positive_int
+    from .cli import default_device, device_arg, fused_arg, positive_int
+    HelpFormatter = help_formatter()
     from .data import DATASETS
     p = sub.add_parser(
         "train", formatter_class=HelpFormatter,
@@ -92,7 +106,7 @@ def add_command(sub):
     g.add_argument("--workers", type=_non_negative_int, help="DataLoader worker processes per training process "
                    "(default: 0 for digits, min(4, CPUs) otherwise)")
     g = p.add_argument_group("model")
-    g.add_argument("--version", default="b0", choices=sorted(VARIANTS))
+    g.add_argument("--version", default="b0", choices=sorted(VARIANTS), help="variant")
     g.add_argument("--fused", type=fused_arg, default="auto", metavar="{off,auto,cpu,cuda,triton}",
                    help="fused kernels: auto picks the fastest built backend for --device")
     g.add_argument("--device", type=device_arg, default=default_device(), help="cpu, cuda or cuda:N (under "
@@ -109,26 +123,26 @@ def add_command(sub):
                    help="layout of --init (timm's must be named)")
     g.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across processes")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=positive_int, default=5)
+    g.add_argument("--epochs", type=positive_int, default=5, help="epochs in all (also when resuming)")
     g.add_argument("--batch", type=positive_int, default=32, help="batch size per process")
-    g.add_argument("--opt", default="adamw", choices=sorted(OPT_DEFAULTS))
+    g.add_argument("--opt", default="adamw", choices=sorted(OPT_DEFAULTS), help="optimiser")
     g.add_argument("--lr", type=_float_in(0, math.inf, low_open=True), help="peak learning rate (default: adamw "
                    f"{OPT_DEFAULTS['adamw']['lr']:g}; sgd {OPT_DEFAULTS['sgd']['lr']:g} x batch x processes / 256)")
     g.add_argument("--momentum", type=_float_in(0, 1, high_open=True), default=0.9, help="SGD (Nesterov) momentum")
     g.add_argument("--weight-decay", type=_float_in(0, math.inf), help="not applied to BatchNorm and biases "
                    "(default: " + ", ".join(f"{k} {v['weight_decay']:g}" for k, v in OPT_DEFAULTS.items()) + ")")
     g.add_argument("--warmup-epochs", type=_float_in(0, math.inf), default=1.0, help="linear warmup, then cosine")
-    g.add_argument("--label-smoothing", type=_float_in(0, 1, high_open=True), default=0.1)
+    g.add_argument("--label-smoothing", type=_float_in(0, 1, high_open=True), default=0.1, help="of the training loss")
     g.add_argument("--amp", default="off", choices=sorted(AMP_DTYPES), help="autocast: bf16 (CPU or GPU) or fp16 "
                    "(GPU, with a gradient scaler)")
     g.add_argument("--ema", action="store_true", help="keep an exponential moving average of the weights and "
                    "evaluate (and export) it")
-    g.add_argument("--ema-decay", type=_float_in(0, 1, True, True), default=0.998)
+    g.add_argument("--ema-decay", type=_float_in(0, 1, True, True), default=0.998, help="per step, after a ramp over the first steps")
     g.add_argument("--bn-calibrate", type=_non_negative_int, metavar="N",
                    help="before each evaluation, recompute the BatchNorm running statistics over N training "
                    "batches (0: off; default: min(16, steps per epoch // 4) when an epoch has under 1000 steps, "
                    "where the running averages lag the fast-changing weights, else 0)")
-    g.add_argument("--seed", type=_non_negative_int, default=0)
+    g.add_argument("--seed", type=_non_negative_int, default=0, help="initial weights, data split and order, augmentation")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=DEFAULT_OUT, help="checkpoint, written after every epoch; the metrics log "
                    "(.metrics.jsonl) and plot (.png) go beside it")
