@@ -15,7 +15,8 @@ $(PY):
 $(VENV)/.deps: $(PY) pyproject.toml
 	@echo "== installing torch, torchvision and the test tools into $(VENV) (about a minute; once)"
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q pytest pytest-benchmark hypothesis timm numpy scikit-learn tqdm matplotlib
+	$(PY) -m pip install -q pytest pytest-benchmark hypothesis timm numpy scikit-learn tqdm matplotlib \
+		onnx onnxscript onnxruntime
 	touch $@
 
 # The build's inputs besides its sources: the torch version and the build switches
@@ -49,7 +50,7 @@ FORCE:
 demo: install
 	$(PY) -m effnet_fast summary
 	$(PY) -m effnet_fast train
-	$(PY) -m effnet_fast bench --batch 8 --size 224 --repeats 2 --channels-last
+	$(PY) -m effnet_fast bench --batch 8 --channels-last
 
 test: install
 	$(PY) -m pytest -q
