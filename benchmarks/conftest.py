@@ -131,7 +131,6 @@ def run_case(request, benchmark, case):
         impl.outputs()  # warm-up
     del eager
     fn = synchronized(impl.run, case.device)
-    fn()
     benchmark.group = case.group
     info.update(op=case.op, shape=list(case.shape), device=case.device, dtype=case.dtype, layout=case.layout,
                 mode=case.mode, impl=case.impl, batch=case.batch, threads=torch.get_num_threads(),
@@ -148,7 +147,7 @@ def run_case(request, benchmark, case):
     rounds = rounds_for(fn, request.config.getoption("--bench-min-rounds"), request.config.getoption("--bench-time"))
     if case.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1)
+    benchmark.pedantic(fn, rounds=rounds)  # warmed up by the check and rounds_for's calls
     if case.device == "cuda":
         info["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     if bandwidth is not None and benchmark.stats is not None:
