@@ -134,7 +134,8 @@ def machine_line(data, rows):
              f"devices: {', '.join(devices)}",
              f"torch {', '.join(torch_versions)}, {', '.join(map(str, threads))} threads"]
     if loads:
-        parts.append(f"1-minute load average during the run {min(loads):.2f} to {max(loads):.2f}")
+        parts.append(f"1-minute load average during the run {min(loads):.2f} to {max(loads):.2f} (the run's "
+                     "own threads included)")
     return "; ".join(parts)
 
 
@@ -142,7 +143,7 @@ def _load_warning(rows):
     """A warning paragraph when other processes kept the CPUs busy during a CPU run."""
     loads = [r["loadavg"] for r in rows if r.get("loadavg") is not None and r["device"] == "cpu"]
     threads = max((r.get("threads") or 1 for r in rows), default=1)
-    if not loads or max(loads) < 1.0:
+    if not loads or max(loads) < threads + 1.0:  # the run itself keeps `threads` CPUs busy
         return []
     return [f"**The machine was loaded during this run** (1-minute load average up to {max(loads):.1f} with "
             f"{threads} threads timed): other processes took CPU time from the timed calls, so times are "
