@@ -28,13 +28,19 @@ _NCHW_CONFIGS = [triton.Config({"BLOCK_P": 512, "BLOCK_C": 1}, num_warps=4),
 _NHWC_CONFIGS = [triton.Config({"BLOCK_P": 16, "BLOCK_C": 32}, num_warps=4),
                  triton.Config({"BLOCK_P": 32, "BLOCK_C": 32}, num_warps=8),
                  triton.Config({"BLOCK_P": 16, "BLOCK_C": 64}, num_warps=8)]
+# The backward dy kernel also holds the k*k grad_weight sums of its tile: at most 2
+# elements per thread in channels_last, or it reaches 255 registers and spills at k = 5
+# on sm_80 and sm_90 (168-172 registers here; benchmarks/triton_aot.py).
+_NHWC_LEAN_CONFIGS = [triton.Config({"BLOCK_P": 8, "BLOCK_C": 32}, num_warps=4),
+                      triton.Config({"BLOCK_P": 16, "BLOCK_C": 32}, num_warps=8),
+                      triton.Config({"BLOCK_P": 8, "BLOCK_C": 64}, num_warps=8)]
 # Under the interpreter, where each tile costs milliseconds: tiles about as large as the
 # small test planes. Several channel blocks, partial tiles, empty groups, and several
 # tiles and groups per channel (test_kernel_ops_many_blocks) still occur in the tests.
 _NCHW_INTERP = _NHWC_INTERP = triton.Config({"BLOCK_P": 256, "BLOCK_C": 8})
 
 
-def _per_layout(kernel, zeroed=None):
+def _per_layout(kernel, zeroed=None, nhwc_configs=_NHWC_CONFIGS):
     """(NCHW-tuned, channels_last-tuned) variants of one kernel. `zeroed` names an
     accumulator argument cleared before every run, autotuning runs included."""
     def configs(cfgs):
@@ -43,7 +49,7 @@ def _per_layout(kernel, zeroed=None):
         return [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages,
                               pre_hook=lambda nargs: nargs[zeroed].zero_()) for c in cfgs]
     return (autotuned(configs(_NCHW_CONFIGS), configs([_NCHW_INTERP])[0], _KEY)(kernel),
-            autotuned(configs(_NHWC_CONFIGS), configs([_NHWC_INTERP])[0], _KEY)(kernel))
+            autotuned(configs(nhwc_configs), configs([_NHWC_INTERP])[0], _KEY)(kernel))
 
 
 # ----------------------------------------------------------------------------- tile helpers
@@ -252,7 +258,8 @@ def _backward_dy_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, a_ptr, b_ptr,
                               sem="relaxed")
 
 
-_backward_dy_nchw, _backward_dy_nhwc = _per_layout(_backward_dy_kernel, zeroed="gw_ptr")
+_backward_dy_nchw, _backward_dy_nhwc = _per_layout(_backward_dy_kernel, zeroed="gw_ptr",
+                                                   nhwc_configs=_NHWC_LEAN_CONFIGS)
 
 
 @shape_generic_jit

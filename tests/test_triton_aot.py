@@ -28,10 +28,7 @@ KERNELS = [
     "squeeze_excite._pixels_sum_kernel", "squeeze_excite._planes_sum_kernel", "squeeze_excite._scale_kernel",
 ]
 # Kernels that spill today (strict: the test says so once they no longer do).
-KNOWN_SPILLS = {
-    "dwconv_bn_silu._backward_dy_nhwc": "k = 5, channels_last: 255 registers and spills (8-76 bytes) in every "
-                                        "config and dtype on sm_80 and sm_90 (docs/CUDA_RESOURCES.md)",
-}
+KNOWN_SPILLS = {}
 
 
 def _ptxas_available():
