@@ -25,7 +25,13 @@ COMMAND_MODULES = ("train", "predict", "export")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults and keeps the descriptions' line breaks."""
+    """Shows defaults and keeps the descriptions' line breaks; no "(default: None)" after
+    options whose help says what their absence means."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def int_at_least(minimum):

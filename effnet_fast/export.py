@@ -104,9 +104,7 @@ def _umask():
 
 
 def add_command(sub):
-    from .cli import positive_int
-    from .train import help_formatter
-    HelpFormatter = help_formatter()
+    from .cli import HelpFormatter, positive_int
     p = sub.add_parser("export", formatter_class=HelpFormatter,
                        help="export a checkpoint to ONNX or a torch.export program (.pt2), verified",
                        description="From the reference (unfused) layers of the weights; the exported file is "

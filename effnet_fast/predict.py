@@ -91,9 +91,7 @@ def predict(paths, weights, topk=5, fused=False, device="cpu"):
 
 
 def add_command(sub):
-    from .cli import default_device, device_arg, fused_arg, positive_int
-    from .train import help_formatter
-    HelpFormatter = help_formatter()
+    from .cli import HelpFormatter, default_device, device_arg, fused_arg, positive_int
     p = sub.add_parser("predict", formatter_class=HelpFormatter,
                        help="top-k classes of images, with a checkpoint of `train`",
                        description="Class names and preprocessing come from the training checkpoint (the EMA "

@@ -55,33 +55,9 @@ def _float_in(low, high, low_open=False, high_open=False, name="value"):
     return parse
 
 
-def _non_negative_int(value):
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {number}")
-    return number
-
-
-def help_formatter():
-    """The command line's formatter, without "(default: None)" after options whose
-    help says what their absence means."""
-    from .cli import HelpFormatter
-
-    class Formatter(HelpFormatter):
-        def _get_help_string(self, action):
-            if action.default is None:
-                return action.help
-            return super()._get_help_string(action)
-    return Formatter
-
-
 def add_command(sub):
     """The `train` subcommand of the command line."""
-    from .cli import default_device, device_arg, fused_arg, positive_int
-    HelpFormatter = help_formatter()
+    from .cli import HelpFormatter, default_device, device_arg, fused_arg, non_negative_int, positive_int
     from .data import DATASETS
     p = sub.add_parser(
         "train", formatter_class=HelpFormatter,
@@ -103,7 +79,7 @@ def add_command(sub):
     g.add_argument("--hflip", type=_float_in(0, 1), help="horizontal flip probability (default: 0 for digits, 0.5 "
                    "otherwise)")
     g.add_argument("--limit", type=positive_int, help="use at most this many training and validation images")
-    g.add_argument("--workers", type=_non_negative_int, help="DataLoader worker processes per training process "
+    g.add_argument("--workers", type=non_negative_int, help="DataLoader worker processes per training process "
                    "(default: 0 for digits, min(4, CPUs) otherwise)")
     g = p.add_argument_group("model")
     g.add_argument("--version", default="b0", choices=sorted(VARIANTS), help="variant")
@@ -138,11 +114,11 @@ def add_command(sub):
     g.add_argument("--ema", action="store_true", help="keep an exponential moving average of the weights and "
                    "evaluate (and export) it")
     g.add_argument("--ema-decay", type=_float_in(0, 1, True, True), default=0.998, help="per step, after a ramp over the first steps")
-    g.add_argument("--bn-calibrate", type=_non_negative_int, metavar="N",
+    g.add_argument("--bn-calibrate", type=non_negative_int, metavar="N",
                    help="before each evaluation, recompute the BatchNorm running statistics over N training "
                    "batches (0: off; default: min(16, steps per epoch // 4) when an epoch has under 1000 steps, "
                    "where the running averages lag the fast-changing weights, else 0)")
-    g.add_argument("--seed", type=_non_negative_int, default=0, help="initial weights, data split and order, augmentation")
+    g.add_argument("--seed", type=non_negative_int, default=0, help="initial weights, data split and order, augmentation")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=DEFAULT_OUT, help="checkpoint, written after every epoch; the metrics log "
                    "(.metrics.jsonl) and plot (.png) go beside it")

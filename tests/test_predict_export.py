@@ -12,14 +12,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("PIL")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny models gain nothing from a second thread, and on a busy machine two
-    threads of one process mostly wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

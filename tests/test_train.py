@@ -19,14 +19,7 @@ pytest.importorskip("torchvision")
 TINY = ["--size", "32", "--batch", "16", "--workers", "0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny models gain nothing from a second thread, and on a busy machine two
-    threads of one process mostly wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(argv, **kwargs):
