@@ -84,20 +84,10 @@ def calibrate_bn(model, x, steps=3):
     forwards of x-like random data (momentum=None), as in a trained model. A fresh
     model's eval activations otherwise shrink towards denormal floats through the
     network, which slows CPU code by an order of magnitude and makes timings meaningless."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    was_training = model.training
-    model.train()
+    from .model import recompute_bn_statistics
     gen = torch.Generator(device=x.device).manual_seed(0)
-    for _ in range(steps):
-        model(torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype))
-    for m, momentum in zip(bns, saved):
-        m.momentum = momentum
-    model.train(was_training)
-    return model
+    return recompute_bn_statistics(model, (torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+                                           for _ in range(steps)))
 
 
 class BenchRow(NamedTuple):

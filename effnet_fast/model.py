@@ -79,6 +79,29 @@ def compound_scaling(phi, alpha=1.2, beta=1.1, gamma=1.15, base_resolution=224):
     return beta ** phi, alpha ** phi, int(round(base_resolution * gamma ** phi))
 
 
+@torch.no_grad()
+def recompute_bn_statistics(model, inputs):
+    """Set every BatchNorm's running statistics to the plain average (momentum None) over
+    train-mode forwards of the tensors `inputs` yields, then restore the momenta and the
+    model's mode. Used after training epochs too short for the exponential averages to
+    catch up with the weights, and to give a fresh model realistic statistics."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    was_training = model.training
+    model.train()
+    try:
+        for x in inputs:
+            model(x)
+    finally:
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
+        model.train(was_training)
+    return model
+
+
 def _check_fused(fused):
     from .ops.backends import check_fused_setting
     check_fused_setting(fused)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import check_writable, save_atomic
-from .model import VARIANTS, EfficientNet
+from .model import VARIANTS, EfficientNet, recompute_bn_statistics
 
 CHECKPOINT_FORMAT = "effnet_fast.train"
 CHECKPOINT_VERSION = 1
@@ -519,29 +519,17 @@ def calibrate_batch_norm(model, loader, batches, device, args):
     """Running statistics of every BatchNorm recomputed as the plain average over
     `batches` training batches (train-mode forward, no gradients): after a short epoch
     the exponential averages still remember the weights of many steps ago."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not bns or batches == 0:
+    if batches == 0:
         return
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-    was_training = model.training
-    model.train()
     amp = AMP_DTYPES[args.amp]
-    try:
-        for i, (x, _) in enumerate(loader):
-            if i >= batches:
-                break
+
+    def inputs():
+        for _, (x, _) in zip(range(batches), loader):
             x = x.to(device, non_blocking=True)
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                model(x)
-    finally:
-        for bn, momentum in zip(bns, momenta):
-            bn.momentum = momentum
-        model.train(was_training)
+            yield x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
+
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        recompute_bn_statistics(model, inputs())
 
 
 @torch.no_grad()
