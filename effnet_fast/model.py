@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .ops import folded
+from .ops.backends import check_fused_setting
 from .layers import (ConvBNAct, DWConvBNSiLU, FusedConvBNAct, FusedDWConvBNSiLU, FusedSqueezeExcitation,
                      MBConv, SqueezeExcitation)
 
@@ -102,11 +103,6 @@ def recompute_bn_statistics(model, inputs):
     return model
 
 
-def _check_fused(fused):
-    from .ops.backends import check_fused_setting
-    check_fused_setting(fused)
-
-
 class EfficientNet(nn.Module):
     """EfficientNet B0-B7.
 
@@ -130,7 +126,7 @@ class EfficientNet(nn.Module):
             if width is None or depth is None:
                 raise ValueError("a custom EfficientNet (version=None) needs width and depth")
             base = Variant(width, depth, resolution or 224, 0.2)
-        _check_fused(fused)
+        check_fused_setting(fused)
         self.version = None if version is None else key
         self.width = width if width is not None else base.width
         self.depth = depth if depth is not None else base.depth
@@ -224,7 +220,7 @@ def set_fused(module, fused):
     the reference layer (False). Parameters and buffers are shared, so state_dict
     keys do not change. The fused model also keeps only the conv output of each
     1x1 conv + BN + SiLU for backward (recomputing BN + SiLU), saving memory."""
-    _check_fused(fused)
+    check_fused_setting(fused)
     for model in module.modules():
         if isinstance(model, EfficientNet):
             model.fused = fused or False  # also when `module` merely wraps the model

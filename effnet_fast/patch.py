@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .layers import FusedConvBNAct, FusedDWConvBNSiLU, FusedSqueezeExcitation
-from .model import _check_fused
 from .ops import folded
+from .ops.backends import check_fused_setting
 from .ops.bn_silu import bn_silu
 from .ops.dwconv_bn_silu import KERNEL_SIZES, STRIDES
 
@@ -40,7 +40,7 @@ def patch(model, fused=True):
     """Swap, in place, the supported blocks of a torchvision or timm EfficientNet for
     adapters running the fused ops on backend `fused` (True/'auto' or a backend name).
     Returns a PatchReport. Parts the fused ops cannot compute exactly are left as they were."""
-    _check_fused(fused)
+    check_fused_setting(fused)
     if not fused:
         raise ValueError("patch(model, fused=...) needs True, 'auto' or a backend name; use unpatch(model)")
     report = PatchReport()
