@@ -514,6 +514,17 @@ def _place(model, args, device):
     return model
 
 
+def _on_device(x, device, args):
+    """A batch of images on `device`, channels_last when the model is."""
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
+
+
+def _autocast(device, args):
+    amp = AMP_DTYPES[args.amp]
+    return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
+
+
 @torch.no_grad()
 def calibrate_batch_norm(model, loader, batches, device, args):
     """Running statistics of every BatchNorm recomputed as the plain average over
@@ -521,15 +532,8 @@ def calibrate_batch_norm(model, loader, batches, device, args):
     the exponential averages still remember the weights of many steps ago."""
     if batches == 0:
         return
-    amp = AMP_DTYPES[args.amp]
-
-    def inputs():
-        for _, (x, _) in zip(range(batches), loader):
-            x = x.to(device, non_blocking=True)
-            yield x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
-
-    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-        recompute_bn_statistics(model, inputs())
+    with _autocast(device, args):
+        recompute_bn_statistics(model, (_on_device(x, device, args) for _, (x, _) in zip(range(batches), loader)))
 
 
 @torch.no_grad()
@@ -538,12 +542,9 @@ def evaluate(model, loader, device, args, dist_ctx, num_classes):
     model.eval()
     k = min(5, num_classes)
     sums = [0.0, 0.0, 0.0, 0.0]  # loss, top-1, top-k, count
-    amp = AMP_DTYPES[args.amp]
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if args.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        x, y = _on_device(x, device, args), y.to(device, non_blocking=True)
+        with _autocast(device, args):
             logits = model(x)
         logits = logits.float()
         top = logits.topk(k, dim=1).indices
@@ -746,10 +747,8 @@ def _train(args, dist_ctx, stop, log, plot, on_epoch_end):
         progress = Progress(main, epoch + 1, args.epochs, steps, skip)
         t0, seen_here, step = time.perf_counter(), 0, skip
         for x, y in train_loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            x, y = _on_device(x, device, args), y.to(device, non_blocking=True)
+            with _autocast(device, args):
                 logits = net(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
             optimizer.zero_grad(set_to_none=True)

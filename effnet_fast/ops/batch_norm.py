@@ -79,6 +79,15 @@ def sync_sums(sum_dz, sum_dz_xmu, group):
     return both[0], both[1]
 
 
+def input_grad_sums(sum_dz, sum_dz_xmu, count, local, group):
+    """(sum dz, sum dz * (y - mean), count) for the input gradient: over every rank of
+    `group` (one all-reduce; `count` is then the merged count), or the local ones with
+    `local` values per channel. The affine gradients always use the local sums."""
+    if not group:
+        return sum_dz, sum_dz_xmu, local
+    return *sync_sums(sum_dz, sum_dz_xmu, group), count
+
+
 def local_count(y):
     """Values per channel of an (N, C, H, W) tensor."""
     return y.numel() // y.shape[1]

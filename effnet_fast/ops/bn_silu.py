@@ -11,7 +11,7 @@ pre-activation instead of storing it:
 import torch
 
 from .backends import ALL_DTYPES, kernels, resolve_backend
-from .batch_norm import affine_grads, batch_stats, fold, grad_coefficients, local_count, sync_sums
+from .batch_norm import affine_grads, batch_stats, fold, grad_coefficients, input_grad_sums, local_count
 from .common import acc_dtype, as_supported_layout, memory_format_of
 from .common import check_batch_stats, refuse_double_backward, refuse_unsupported_transforms
 
@@ -76,11 +76,8 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_count):
     grad_out = grad_out.contiguous(memory_format=memory_format_of(y))
     invstd, scale, shift = fold(bn_weight, bn_bias, mean, var, ctx.eps)
     sum_dz, sum_dz_ymu = k.bn_silu_backward_reduce(grad_out, y, scale, shift, mean)
-    if ctx.group:  # the input gradient needs the sums over every rank; the affine gradients stay local
-        all_dz, all_dz_ymu = sync_sums(sum_dz, sum_dz_ymu, ctx.group)
-        coefs = grad_coefficients(scale, invstd, mean, all_dz, all_dz_ymu, count, ctx.training)
-    else:
-        coefs = grad_coefficients(scale, invstd, mean, sum_dz, sum_dz_ymu, local_count(y), ctx.training)
+    sums = input_grad_sums(sum_dz, sum_dz_ymu, count, local_count(y), ctx.group)
+    coefs = grad_coefficients(scale, invstd, mean, *sums, ctx.training)
     grad_y = k.bn_silu_backward(grad_out, y, scale, shift, *coefs)
     grad_bn_weight, grad_bn_bias = affine_grads(invstd, sum_dz, sum_dz_ymu, bn_weight, bn_bias)
     return grad_y, grad_bn_weight, grad_bn_bias, None, None, None, None, None, None

@@ -10,7 +10,7 @@ weights and per-channel vectors and recomputes the conv output:
 import torch
 
 from .backends import ALL_DTYPES, kernels
-from .batch_norm import affine_grads, batch_stats, grad_coefficients, local_count, sync_sums
+from .batch_norm import affine_grads, batch_stats, grad_coefficients, input_grad_sums, local_count
 from .batch_norm import fold as _fold
 from .common import acc_dtype, as_supported_layout, autocast_weight, conv_out_size, memory_format_of
 from .common import autocast_input, check_batch_stats, refuse_double_backward, refuse_unsupported_transforms
@@ -94,11 +94,8 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_count):
     grad_out = grad_out.contiguous(memory_format=memory_format_of(x))
     invstd, scale, shift = _fold(bn_weight, bn_bias, mean, var, ctx.eps)
     sum_dz, sum_dz_xmu = k.dwconv_bn_silu_backward_reduce(grad_out, x, weight, scale, shift, mean, ctx.stride)
-    if ctx.group:  # the input gradient needs the sums over every rank; the affine gradients stay local
-        all_dz, all_dz_xmu = sync_sums(sum_dz, sum_dz_xmu, ctx.group)
-        coefs = grad_coefficients(scale, invstd, mean, all_dz, all_dz_xmu, count, ctx.training)
-    else:
-        coefs = grad_coefficients(scale, invstd, mean, sum_dz, sum_dz_xmu, local_count(grad_out), ctx.training)
+    sums = input_grad_sums(sum_dz, sum_dz_xmu, count, local_count(grad_out), ctx.group)
+    coefs = grad_coefficients(scale, invstd, mean, *sums, ctx.training)
     grad_x, grad_weight = k.dwconv_bn_silu_backward(grad_out, x, weight, scale, shift, *coefs, ctx.stride)
     grad_bn_weight, grad_bn_bias = affine_grads(invstd, sum_dz, sum_dz_xmu, bn_weight, bn_bias)
     return grad_x, grad_weight, grad_bn_weight, grad_bn_bias, None, None, None, None, None, None, None
