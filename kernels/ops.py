@@ -1,19 +1,19 @@
-"""The Triton launchers registered as torch custom ops (namespace effnet_fast_triton),
-with the shared fake implementations: the differentiable ops call them from their
-backward, which torch.compile and AOT autograd trace with fake tensors, where a raw
-Triton launch cannot run."""
+"""The Triton launchers registered as torch custom ops (namespace effnet_fast_triton): the
+differentiable ops call them from their backward, which torch.compile and AOT autograd
+trace with fake tensors, where a raw Triton launch cannot run. Their fake implementations
+are the other backends' (effnet_fast.ops.kernel_fakes), registered by the backend registry
+when it loads this package."""
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from effnet_fast.ops.kernel_fakes import register_kernel_fakes
-
 from . import bn_silu as _bn
 from . import dwconv_bn_silu as _dw
 from . import squeeze_excite as _se
 
-_NS = "effnet_fast_triton"
+NAMESPACE = "effnet_fast_triton"
+_NS = NAMESPACE
 
 
 @torch.library.custom_op(f"{_NS}::dwconv_bn_silu_stats", mutates_args=())
@@ -74,5 +74,3 @@ def se_scale(x: Tensor, gate: Tensor, bias: Optional[Tensor] = None) -> Tensor:
 def se_gate_grad(grad_out: Tensor, x: Tensor) -> Tensor:
     return _se.se_gate_grad(grad_out, x)
 
-
-register_kernel_fakes(_NS)

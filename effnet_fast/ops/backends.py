@@ -15,7 +15,6 @@ import torch
 from .kernel_fakes import register_kernel_fakes
 
 _import_errors = {}
-_import_errors = {}
 
 
 def _try_import(module):
@@ -202,4 +201,8 @@ def kernels(backend):
     module = REGISTRY[backend].kernel_module
     if module.startswith("torch.ops."):
         return getattr(torch.ops, module.removeprefix("torch.ops."))
-    return importlib.import_module(module)
+    table = importlib.import_module(module)
+    namespace = getattr(table, "NAMESPACE", None)  # kernel ops of its own (Triton): give them their fakes
+    if namespace is not None:
+        register_kernel_fakes(namespace)
+    return table
