@@ -12,7 +12,7 @@ that runs on the device ("cpu" on a CPU; "triton" and "cuda" on a GPU), and "com
 Modes: "eval" is one no-grad forward with running statistics, "train" one forward +
 backward with batch statistics (the model: one SGD step). The fused eval rows of the
 single ops call the fused op itself: on a CPU the fused layers run BN-folded oneDNN
-convolutions in eval mode instead (effnet_fast.ops.folded), which the model rows include.
+convolutions in eval mode instead (effnet_fast.nn.folded), which the model rows include.
 """
 import functools
 from dataclasses import dataclass, field
@@ -46,7 +46,7 @@ def b0_shapes():
       bn_silu                 (channels, size) of each BatchNorm + SiLU (stem, expand, head)
     """
     from effnet_fast import EfficientNet
-    from effnet_fast.layers import ConvBNAct, DWConvBNSiLU, MBConv, SqueezeExcitation
+    from effnet_fast.nn import ConvBNAct, DWConvBNSiLU, MBConv, SqueezeExcitation
     model = EfficientNet("b0").eval()
     found = {op: [] for op in OPS if op != "model"}
 
@@ -187,7 +187,7 @@ class FusedBNSiLU(BNSiLU):
         self.backend = backend
 
     def forward(self, y):
-        from effnet_fast.ops.bn_silu import bn_silu
+        from effnet_fast.nn import bn_silu
         return bn_silu(y, self.bn, self.backend)
 
 
@@ -228,7 +228,7 @@ class DWConvKernel(nn.Module):
 
 def _layer_pair(case):
     """(eager module, module for case.impl) with the same weights, and the input size."""
-    from effnet_fast.layers import (DWConvBNSiLU, FusedDWConvBNSiLU, FusedSqueezeExcitation,
+    from effnet_fast.nn import (DWConvBNSiLU, FusedDWConvBNSiLU, FusedSqueezeExcitation,
                                     SqueezeExcitation)
     backend = case.impl
     op, shape = case.op, case.shape

@@ -1,6 +1,6 @@
 """effnet_fast: EfficientNet B0-B7 with fused kernels for its hot layers."""
 from .distributed import convert_sync_batchnorm
-from .model import VARIANTS, EfficientNet, compound_scaling, round_channels, round_repeats, set_fused
+from .efficientnet import VARIANTS, EfficientNet, compound_scaling, round_channels, round_repeats, set_fused
 from .ops import BACKENDS, build_info
 from .patch import PatchReport, patch, unpatch
 

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from .model import VARIANTS, EfficientNet
+from .efficientnet import VARIANTS, EfficientNet
 from .ops import build_info
 
 # Values of --fused: the model's `fused` argument they mean.

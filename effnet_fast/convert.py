@@ -13,7 +13,7 @@ import os
 import torch
 from torch import nn
 
-from .layers import MBConv
+from .nn.layers import MBConv
 
 _BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 

@@ -12,13 +12,14 @@ CPU, NCCL on the GPU): the depthwise conv + BN + SiLU (effnet_fast::dwconv_bn_si
 the BN + SiLU of the stem, expand and head convs (effnet_fast::bn_silu) and the
 projection BN (effnet_fast::sync_batch_norm) all-gather (count, mean, var) between
 their statistics and apply kernels and all-reduce two per-channel sums in backward
-(effnet_fast/ops/batch_norm.py). The reference layers use nn.SyncBatchNorm, which
+(effnet_fast/ops/batch_norm.py, effnet_fast/nn/batch_norm.py). The reference layers use nn.SyncBatchNorm, which
 runs on CUDA tensors only.
 """
 import torch
 from torch import nn
 
-from .layers import CPU_SYNC_BN_ERROR, FusedConvBNAct, FusedDWConvBNSiLU, SyncBatchNorm2d
+from .nn.batch_norm import CPU_SYNC_BN_ERROR, SyncBatchNorm2d
+from .nn.layers import FusedConvBNAct, FusedDWConvBNSiLU
 
 __all__ = ["convert_sync_batchnorm", "SyncBatchNorm2d"]
 

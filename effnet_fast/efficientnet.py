@@ -2,13 +2,12 @@
 import math
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from .ops import folded
+from .nn import folded
+from .nn.layers import (ConvBNAct, DWConvBNSiLU, FusedConvBNAct, FusedDWConvBNSiLU, FusedSqueezeExcitation,
+                        MBConv, SqueezeExcitation)
 from .ops.backends import check_fused_setting
-from .layers import (ConvBNAct, DWConvBNSiLU, FusedConvBNAct, FusedDWConvBNSiLU, FusedSqueezeExcitation,
-                     MBConv, SqueezeExcitation)
 
 
 @dataclass(frozen=True)
@@ -78,29 +77,6 @@ def compound_scaling(phi, alpha=1.2, beta=1.1, gamma=1.15, base_resolution=224):
     resolution gamma**phi, with alpha * beta**2 * gamma**2 close to 2 so that
     each unit of phi about doubles the FLOPs. Returns (width, depth, resolution)."""
     return beta ** phi, alpha ** phi, int(round(base_resolution * gamma ** phi))
-
-
-@torch.no_grad()
-def recompute_bn_statistics(model, inputs):
-    """Set every BatchNorm's running statistics to the plain average (momentum None) over
-    train-mode forwards of the tensors `inputs` yields, then restore the momenta and the
-    model's mode. Used after training epochs too short for the exponential averages to
-    catch up with the weights, and to give a fresh model realistic statistics."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-    was_training = model.training
-    model.train()
-    try:
-        for x in inputs:
-            model(x)
-    finally:
-        for bn, momentum in zip(bns, momenta):
-            bn.momentum = momentum
-        model.train(was_training)
-    return model
 
 
 class EfficientNet(nn.Module):

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .layers import FusedConvBNAct, FusedDWConvBNSiLU, FusedSqueezeExcitation
-from .ops import folded
+from .nn import folded
+from .nn.batch_norm import bn_silu
+from .nn.layers import FusedConvBNAct, FusedDWConvBNSiLU, FusedSqueezeExcitation
 from .ops.backends import check_fused_setting
-from .ops.bn_silu import bn_silu
 from .ops.dwconv_bn_silu import KERNEL_SIZES, STRIDES
 
 ORIGINAL = "_patch_original"  # key, in an adapter's __dict__, of the module it replaced
@@ -337,7 +337,7 @@ class PatchedBatchNormAct(Patched):
 
 
 class PatchedBlock(Patched):
-    """An inverted-residual block computed as effnet_fast.layers.MBConv computes it."""
+    """An inverted-residual block computed as effnet_fast.nn.MBConv computes it."""
 
     def forward(self, x):
         if x.numel() == 0:

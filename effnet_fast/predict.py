@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from .model import VARIANTS, EfficientNet, round_channels, round_repeats
+from .efficientnet import VARIANTS, EfficientNet, round_channels, round_repeats
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -16,7 +16,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def infer_version(state_dict):
     """The variant a state dict of ours was saved from (head width and block count)."""
-    from .model import B0_STAGES, HEAD_CHANNELS
+    from .efficientnet import B0_STAGES, HEAD_CHANNELS
     head = state_dict["head.conv.weight"].shape[0]
     blocks = {".".join(k.split(".")[:3]) for k in state_dict if k.startswith("blocks.")}
     for name, v in sorted(VARIANTS.items()):

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from .model import VARIANTS, EfficientNet
+from .efficientnet import VARIANTS, EfficientNet
 
 # The paper's Table 2: FLOPs (multiply-adds, billions) and ImageNet top-1.
 PAPER = {"b0": (0.39, 77.1), "b1": (0.70, 79.1), "b2": (1.0, 80.1), "b3": (1.8, 81.6),

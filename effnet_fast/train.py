@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import check_writable, save_atomic
-from .model import VARIANTS, EfficientNet, recompute_bn_statistics
+from .efficientnet import VARIANTS, EfficientNet
+from .nn.batch_norm import recompute_bn_statistics
 
 CHECKPOINT_FORMAT = "effnet_fast.train"
 CHECKPOINT_VERSION = 1

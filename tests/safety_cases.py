@@ -4,8 +4,8 @@ import copy
 
 import torch
 
-from effnet_fast.layers import FusedConvBNAct, FusedDWConvBNSiLU, FusedSqueezeExcitation
-from effnet_fast.model import _REFERENCE, _swap
+from effnet_fast.nn import FusedConvBNAct, FusedDWConvBNSiLU, FusedSqueezeExcitation
+from effnet_fast.efficientnet import _REFERENCE, _swap
 
 CHANNELS = 4
 

@@ -6,11 +6,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from backend_cases import GRADCHECK_BACKENDS, assert_close, backend_params, forward_backward_pair
-from effnet_fast.layers import ConvBNAct, FusedConvBNAct
-from effnet_fast.model import set_fused
+from effnet_fast.nn import ConvBNAct, FusedConvBNAct
+from effnet_fast import set_fused
 from effnet_fast.ops import kernels
 from effnet_fast.ops.backends import cpu_built, cuda_emu_built
-from effnet_fast.ops.bn_silu import bn_silu, bn_silu_op
+from effnet_fast.nn import bn_silu
+from effnet_fast.ops.bn_silu import bn_silu_op
 from effnet_fast.ops.common import acc_dtype
 
 # (N, C, H, W): odd planes, one pixel, channel counts past a vector and a channel

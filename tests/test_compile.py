@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from backend_cases import backend_params
-from effnet_fast.layers import MBConv
-from effnet_fast.model import set_fused
+from effnet_fast.nn import MBConv
+from effnet_fast import set_fused
 
 
 def Block(backend):

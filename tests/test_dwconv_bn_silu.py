@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from backend_cases import GRADCHECK_BACKENDS, assert_close, backend_params, forward_backward_pair
-from effnet_fast.layers import DWConvBNSiLU, FusedDWConvBNSiLU
+from effnet_fast.nn import DWConvBNSiLU, FusedDWConvBNSiLU
 from effnet_fast.ops import dwconv_bn_silu, dwconv_bn_silu_fn, kernels
 from effnet_fast.ops.common import acc_dtype
 

@@ -39,7 +39,7 @@ def test_empty_batch_eval_backward_of_fused_1x1_conv_bn_silu_does_not_kill_the_p
     run in a child process so that a regression fails the test instead of the run."""
     import subprocess
     import sys
-    code = ("import torch; from effnet_fast.layers import FusedConvBNAct; "
+    code = ("import torch; from effnet_fast.nn import FusedConvBNAct; "
             "m = FusedConvBNAct(4, 4, 1).eval(); x = torch.randn(0, 4, 5, 5, requires_grad=True); "
             "m(x).sum().backward(); print(tuple(x.grad.shape))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

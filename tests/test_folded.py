@@ -1,4 +1,4 @@
-"""The eval path of the fused model with every BatchNorm folded (effnet_fast.ops.folded):
+"""The eval path of the fused model with every BatchNorm folded (effnet_fast.nn.folded):
 same answers as the reference, no stale folded weights, nothing in state_dict, and the
 training path back exactly when the model is switched to train()."""
 import copy
@@ -9,7 +9,7 @@ import torch
 
 from effnet_fast import EfficientNet
 from effnet_fast.benchmark import calibrate_bn
-from effnet_fast.ops import folded
+from effnet_fast.nn import folded
 from effnet_fast.ops.backends import backend_built
 
 from test_model import randomize

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from backend_cases import BACKEND_DTYPES, assert_close, forward_backward_pair
-from effnet_fast.layers import ConvBNAct, DWConvBNSiLU, SqueezeExcitation
-from effnet_fast.model import set_fused
+from effnet_fast.nn import ConvBNAct, DWConvBNSiLU, SqueezeExcitation
+from effnet_fast import set_fused
 from effnet_fast.ops.backends import REGISTRY, _why_unusable
 from effnet_fast.ops.common import acc_dtype, conv_out_size
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from backend_cases import backend_params
 from effnet_fast import EfficientNet
-from effnet_fast.model import set_fused
+from effnet_fast import set_fused
 from effnet_fast.ops import kernels, squeeze_excite_fn
 from effnet_fast.ops.backends import cuda_emu_built
 from safety_cases import CHANNELS, fused_layer, reference_of

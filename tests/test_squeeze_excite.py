@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from backend_cases import GRADCHECK_BACKENDS, assert_close, backend_params, forward_backward_pair
-from effnet_fast.layers import FusedSqueezeExcitation, SqueezeExcitation
+from effnet_fast.nn import FusedSqueezeExcitation, SqueezeExcitation
 from effnet_fast.ops import kernels, squeeze_excite, squeeze_excite_project
 from effnet_fast.ops.common import acc_dtype
 

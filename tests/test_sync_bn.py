@@ -24,8 +24,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import effnet_fast.ops.batch_norm as batch_norm_ops
 from effnet_fast import EfficientNet, convert_sync_batchnorm
 from effnet_fast.distributed import SyncBatchNorm2d
-from effnet_fast.layers import ConvBNAct, MBConv
-from effnet_fast.model import set_fused
+from effnet_fast.nn import ConvBNAct, MBConv
+from effnet_fast import set_fused
 from effnet_fast.ops.backends import _why_unusable
 
 WORLD = 2

@@ -70,8 +70,10 @@ def _all_eval_with_statistics(module):
     return all(_all_eval_with_statistics(m) for m in module._modules.values() if m is not None)
 
 
-def fold(conv_weight, bn):
-    """(weight, bias) of the conv equal to bn(conv(x)) in eval mode, in float32/64."""
+def fold_bn_into_conv(conv_weight, bn):
+    """(weight, bias) of the conv equal to bn(conv(x)) in eval mode, for a conv without
+    bias of weight (C_out, C_in / groups, kh, kw) and BatchNorm `bn` over C_out channels;
+    in float64 for float64 weights, else float32."""
     acc = torch.float64 if conv_weight.dtype == torch.float64 else torch.float32
     scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
     bias = -bn.running_mean.to(acc) * scale
@@ -103,7 +105,7 @@ def conv_bn_act(module, x, residual=None, act=None):
     geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
 
     def build():
-        weight, bias = fold(conv.weight, module.bn)
+        weight, bias = fold_bn_into_conv(conv.weight, module.bn)
         weight, bias = weight.to(x.dtype), bias.to(x.dtype)
         if onednn:  # oneDNN's blocked weight layout, reordered once
             weight = torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), *geometry, list(x.shape))
@@ -137,7 +139,7 @@ def se_project(h, gate, project, residual, se_scale):
         return conv_bn_act(project, se_scale(h, gate), residual)
 
     def build():
-        weight, bias = fold(project.conv.weight, project.bn)
+        weight, bias = fold_bn_into_conv(project.conv.weight, project.bn)
         return weight.flatten(1), bias
 
     # Kept under project.bn: the slot of `project` itself holds conv_bn_act's oneDNN weights.

@@ -1,15 +1,15 @@
 """Building blocks of EfficientNet. The Fused* layers have exactly the parameters,
 buffers and state_dict keys of the reference layers they replace."""
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
-from .ops import dwconv_bn_silu_fn, folded, kernels, resolve_backend, squeeze_excite_fn, squeeze_excite_project_fn
-from .ops.batch_norm import sync_batch_norm_op
-from .ops.bn_silu import bn_silu
-from .ops.common import REFERENCE_HINT, acc_dtype, as_supported_layout
-from .ops.dwconv_bn_silu import check_inputs
-from .ops.squeeze_excite import check_inputs as check_se_inputs, se_gate
+from ..ops import dwconv_bn_silu_fn, kernels, resolve_backend, squeeze_excite_fn, squeeze_excite_project_fn
+from ..ops.common import REFERENCE_HINT, as_supported_layout
+from ..ops.dwconv_bn_silu import check_inputs as check_dwconv_inputs
+from ..ops.squeeze_excite import check_inputs as check_se_inputs, se_gate
+from . import folded
+from .batch_norm import affine_or_identity, batch_norm, bn_op_args, bn_silu, record_batch_stats
 
 
 class ConvBNAct(nn.Sequential):
@@ -71,31 +71,17 @@ class FusedDWConvBNSiLU(DWConvBNSiLU):
         if folded.applies(self, x) and folded.onednn_ok(x):
             # oneDNN's depthwise conv with the BN folded and SiLU as a post-op runs faster
             # than the fused kernel on this path (docs/PERFORMANCE.md).
-            check_inputs(x, self.conv.weight, *affine_or_identity(self.bn, x), self.conv.stride[0])
+            check_dwconv_inputs(x, self.conv.weight, *affine_or_identity(self.bn, x), self.conv.stride[0])
             return folded.conv_bn_act(self, x, act=True)
-        bn = self.bn
-        weight, bias = affine_or_identity(bn, x)
-        use_batch_stats = bn.training or bn.running_mean is None  # the BatchNorm's mode, as the reference
-        running_mean = bn.running_mean if bn.running_mean is not None else weight.new_zeros(0)
-        running_var = bn.running_var if bn.running_var is not None else weight.new_zeros(0)
-        group = sync_group(bn)  # "" unless a synchronised BatchNorm in training with other ranks
+        args = bn_op_args(self.bn, x)
         out, mean, var, count = dwconv_bn_silu_fn(
-            x, self.conv.weight, weight, bias, running_mean, running_var, use_batch_stats,
-            bn.eps, self.conv.stride[0], resolve_backend(self.backend, x.device), group)
-        if bn.training and bn.track_running_stats:
-            update_running_stats(bn, mean, var, count if group else out.numel() // out.shape[1])
+            x, self.conv.weight, args.weight, args.bias, args.running_mean, args.running_var, args.use_batch_stats,
+            self.bn.eps, self.conv.stride[0], resolve_backend(self.backend, x.device), args.group)
+        record_batch_stats(self.bn, args, mean, var, count, out.numel() // out.shape[1])
         return out
 
     def extra_repr(self):
         return f"backend={self.backend!r}"
-
-
-def affine_or_identity(bn, x):
-    """BatchNorm's weight and bias; ones and zeros for BatchNorm2d(affine=False)."""
-    if bn.weight is not None:
-        return bn.weight, bn.bias
-    acc = acc_dtype(x.dtype)
-    return x.new_ones(bn.num_features, dtype=acc), x.new_zeros(bn.num_features, dtype=acc)
 
 
 def check_conv_settings(layer, conv, stride, padding, groups, bias):
@@ -111,82 +97,6 @@ def check_conv_settings(layer, conv, stride, padding, groups, bias):
         expected = {name: want[name] for name in wrong}
         raise ValueError(f"{type(layer).__name__}: the fused kernel computes a conv with {expected}, but this "
                          f"conv has {wrong}; {REFERENCE_HINT}")
-
-
-class SyncBatchNorm2d(nn.BatchNorm2d):
-    """An nn.BatchNorm2d whose batch statistics the fused layers merge over the ranks of
-    `process_group` (None: the world) in training mode, as nn.SyncBatchNorm does, on
-    any device; installed by effnet_fast.distributed.convert_sync_batchnorm. Not an
-    nn.SyncBatchNorm, which DistributedDataParallel refuses in CPU modules. Same
-    parameters, buffers and state_dict keys as nn.BatchNorm2d.
-
-    Called as a module (a reference layer), it synchronises CUDA tensors and refuses
-    CPU ones (synchronised BatchNorm on the CPU is a feature of the fused layers);
-    with nothing to synchronise (eval mode, no process group, a group of one rank) it
-    is nn.BatchNorm2d."""
-
-    def __init__(self, *args, process_group=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.process_group = process_group
-
-    def forward(self, input):
-        if sync_group(self):
-            if input.numel() == 0:
-                raise RuntimeError("synchronised BatchNorm: an empty batch cannot take part (the other ranks "
-                                   "would wait for its statistics); give every rank at least one sample")
-            if input.device.type == "cpu":
-                raise RuntimeError(CPU_SYNC_BN_ERROR)
-        return batch_norm(self, input)
-
-
-CPU_SYNC_BN_ERROR = ("synchronised BatchNorm on the CPU needs the fused layers (the reference layers' "
-                     "nn.SyncBatchNorm runs on GPU tensors only): build the model with fused=True (or a backend "
-                     "name, e.g. fused='cpu') or call model.set_fused(True)")
-
-
-def sync_group(bn):
-    """Name of the process group over which `bn` merges its batch statistics, "" for none:
-    a SyncBatchNorm2d or nn.SyncBatchNorm in training mode with torch.distributed
-    initialised and at least two ranks in its group (its `process_group`, default the
-    world). The fused ops take the name: custom ops cannot take a ProcessGroup."""
-    if not (isinstance(bn, (SyncBatchNorm2d, nn.SyncBatchNorm)) and bn.training):
-        return ""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        return ""
-    group = bn.process_group or dist.group.WORLD
-    return group.group_name if dist.get_world_size(group) > 1 else ""
-
-
-def batch_norm(bn, y):
-    """bn(y) for a BatchNorm without activation in a fused layer (the projection): one
-    that synchronises runs the op effnet_fast::sync_batch_norm, on any device;
-    otherwise nn.BatchNorm2d's computation."""
-    if not isinstance(bn, (SyncBatchNorm2d, nn.SyncBatchNorm)):
-        return bn(y)
-    group = sync_group(bn)
-    if not group or y.numel() == 0:
-        return nn.modules.batchnorm._BatchNorm.forward(bn, y)  # nothing to merge (an empty batch: see README)
-    weight, bias = affine_or_identity(bn, y)
-    out, mean, var, count = sync_batch_norm_op(y, weight, bias, bn.eps, group)
-    if bn.track_running_stats:
-        update_running_stats(bn, mean, var, count)
-    return out
-
-
-@torch.no_grad()
-def update_running_stats(bn, mean, var, count):
-    """The running-statistics update of nn.BatchNorm2d in training mode, given the
-    batch mean and biased variance over `count` values per channel (an int, or a
-    scalar tensor: the count over every rank of a synchronised BatchNorm)."""
-    bn.num_batches_tracked.add_(1)
-    momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    if isinstance(count, torch.Tensor):
-        unbiased = var * (count / (count - 1).clamp(min=1)).to(var.dtype)
-    else:
-        unbiased = var * (count / max(count - 1, 1))
-    bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
-    bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
 
 
 class SqueezeExcitation(nn.Module):
@@ -225,7 +135,7 @@ class FusedSqueezeExcitation(SqueezeExcitation):
 
     def forward_project_folded(self, x, project, residual):
         """project(self(x)) (+ residual) in eval mode, the projection BN folded and the gate
-        folded into the projection weights (effnet_fast.ops.folded.se_project)."""
+        folded into the projection weights (effnet_fast.nn.folded.se_project)."""
         self._check_fc_settings()
         check_conv_settings(self, project.conv, stride=1, padding=0, groups=1, bias=False)
         w1, b1, w2, b2 = self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias

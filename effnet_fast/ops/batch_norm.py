@@ -1,10 +1,14 @@
-"""BatchNorm algebra shared by the fused BN ops (dwconv_bn_silu, bn_silu): the fold of
-the statistics into a per-channel scale and shift, and the backward coefficients."""
+"""BatchNorm algebra shared by the fused BN ops (dwconv_bn_silu, bn_silu): the statistics
+and affine parameters folded into a per-channel scale and shift, the backward
+coefficients, and the collectives of synchronised BatchNorm."""
 import torch
 
+from .common import refuse_double_backward
 
-def fold(bn_weight, bn_bias, mean, var, eps):
-    """(invstd, scale, shift) with bn(y) = y * scale + shift, in mean's dtype."""
+
+def fold_statistics(bn_weight, bn_bias, mean, var, eps):
+    """(invstd, scale, shift), each (C,) in mean's dtype, with bn(y) = y * scale + shift
+    for BatchNorm weight and bias and the (batch or running) mean and biased var."""
     invstd = torch.rsqrt(var + eps)
     scale = bn_weight.to(mean.dtype) * invstd
     return invstd, scale, bn_bias.to(mean.dtype) - mean * scale
@@ -33,7 +37,7 @@ def affine_grads(invstd, sum_dz, sum_dz_xmu, bn_weight, bn_bias):
 # backward_reduce and backward (backward), as nn.SyncBatchNorm does.
 
 def _process_group(name):
-    from torch.distributed.distributed_c10d import _resolve_process_group
+    from torch.distributed.distributed_c10d import _resolve_process_group  # torch.distributed may be absent
     return _resolve_process_group(name)
 
 
@@ -114,7 +118,7 @@ def sync_batch_norm_op(y: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.
     acc = torch.float64 if y.dtype == torch.float64 else torch.float32
     var, mean = torch.var_mean(y.to(acc), dim=(0, 2, 3), unbiased=False)
     mean, var, count = batch_stats(mean, var, local_count(y), group)
-    _, scale, shift = fold(bn_weight, bn_bias, mean, var, eps)
+    _, scale, shift = fold_statistics(bn_weight, bn_bias, mean, var, eps)
     return (y.to(acc) * _channel(scale) + _channel(shift)).to(y.dtype), mean, var, count
 
 
@@ -134,11 +138,10 @@ def _sync_bn_setup_context(ctx, inputs, output):
 
 
 def _sync_bn_backward(ctx, grad_out, _grad_mean, _grad_var, _grad_count):
-    from .common import refuse_double_backward
     refuse_double_backward("the projection BatchNorm (op effnet_fast::sync_batch_norm)")
     y, bn_weight, bn_bias, mean, var, count = ctx.saved_tensors
     acc = mean.dtype
-    invstd, scale, _ = fold(bn_weight, bn_bias, mean, var, ctx.eps)
+    invstd, scale, _ = fold_statistics(bn_weight, bn_bias, mean, var, ctx.eps)
     g, ya = grad_out.to(acc), y.to(acc)
     sum_dz = g.sum(dim=(0, 2, 3))
     sum_dz_xmu = (g * (ya - _channel(mean))).sum(dim=(0, 2, 3))

@@ -1,5 +1,6 @@
 """Differentiable BatchNorm + SiLU on top of a backend's kernels, for the outputs of the
-stem, expand and head convs of the fused model.
+stem, expand and head convs of the fused model (effnet_fast.nn.batch_norm.bn_silu applies
+it to an nn.BatchNorm2d).
 
 Forward: training mode computes the batch statistics with one read of y, then
 normalises + SiLU in a second pass (eval mode folds the running statistics: one
@@ -10,10 +11,9 @@ pre-activation instead of storing it:
 """
 import torch
 
-from .backends import ALL_DTYPES, kernels, resolve_backend
-from .batch_norm import affine_grads, batch_stats, fold, grad_coefficients, input_grad_sums, local_count
-from .common import acc_dtype, as_supported_layout, memory_format_of
-from .common import check_batch_stats, refuse_double_backward, refuse_unsupported_transforms
+from .backends import ALL_DTYPES, kernels
+from .batch_norm import affine_grads, batch_stats, fold_statistics, grad_coefficients, input_grad_sums, local_count
+from .common import acc_dtype, memory_format_of, refuse_double_backward
 
 LAYER = "FusedConvBNAct (op effnet_fast::bn_silu)"
 
@@ -21,7 +21,8 @@ DTYPES = ALL_DTYPES  # each backend refuses the ones it does not run, naming its
 
 
 def check_inputs(y, bn_weight, bn_bias):
-    """Raise a ValueError/TypeError naming what is wrong with the inputs."""
+    """Raise a ValueError/TypeError naming what is wrong with y (N, C, H, W) and the
+    BatchNorm weight and bias (C,)."""
     if y.dim() != 4:
         raise ValueError(f"bn_silu: expected a 4-D (N, C, H, W) input, got shape {tuple(y.shape)}")
     if y.dtype not in DTYPES:
@@ -49,7 +50,7 @@ def bn_silu_op(y: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor, 
         acc = acc_dtype(y.dtype)
         mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
         count = mean.new_full((), local_count(y), dtype=torch.float64)
-    _, scale, shift = fold(bn_weight, bn_bias, mean, var, eps)
+    _, scale, shift = fold_statistics(bn_weight, bn_bias, mean, var, eps)
     return k.bn_silu_forward(y, scale, shift), mean, var, count
 
 
@@ -74,7 +75,7 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_count):
     y, bn_weight, bn_bias, mean, var, count = ctx.saved_tensors
     k = kernels(ctx.backend)
     grad_out = grad_out.contiguous(memory_format=memory_format_of(y))
-    invstd, scale, shift = fold(bn_weight, bn_bias, mean, var, ctx.eps)
+    invstd, scale, shift = fold_statistics(bn_weight, bn_bias, mean, var, ctx.eps)
     sum_dz, sum_dz_ymu = k.bn_silu_backward_reduce(grad_out, y, scale, shift, mean)
     sums = input_grad_sums(sum_dz, sum_dz_ymu, count, local_count(y), ctx.group)
     coefs = grad_coefficients(scale, invstd, mean, *sums, ctx.training)
@@ -85,29 +86,3 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_count):
 
 torch.library.register_autograd("effnet_fast::bn_silu", _backward, setup_context=_setup_context)
 
-
-def bn_silu(y, bn, backend=True):
-    """silu(bn(y)) for an nn.BatchNorm2d `bn`, with nn.BatchNorm2d's semantics: batch
-    statistics in training mode (or without running statistics), which update the
-    running ones (momentum None: cumulative average); running statistics in eval
-    mode. `backend`: True/'auto' or a backend name."""
-    from ..layers import sync_group, update_running_stats  # layers imports this module
-
-    if y.numel() == 0:
-        return torch.nn.functional.silu(bn(y))  # an empty batch (or plane): exactly as the reference
-    refuse_unsupported_transforms(LAYER, y)
-    backend = resolve_backend(backend, y.device)
-    weight = bn.weight if bn.weight is not None else y.new_ones(y.shape[1], dtype=acc_dtype(y.dtype))
-    bias = bn.bias if bn.bias is not None else y.new_zeros(y.shape[1], dtype=acc_dtype(y.dtype))
-    check_inputs(y, weight, bias)
-    use_batch_stats = bn.training or bn.running_mean is None
-    group = sync_group(bn)  # "" unless a synchronised BatchNorm in training with other ranks
-    if use_batch_stats and not group:  # synchronised: one value per rank suffices, as nn.SyncBatchNorm
-        check_batch_stats(LAYER, y.shape, bn.eps)
-    running_mean = bn.running_mean if bn.running_mean is not None else weight.new_zeros(0)
-    running_var = bn.running_var if bn.running_var is not None else weight.new_zeros(0)
-    out, mean, var, count = bn_silu_op(as_supported_layout(y), weight, bias, running_mean, running_var,
-                                       use_batch_stats, bn.eps, backend, group)
-    if bn.training and bn.track_running_stats:
-        update_running_stats(bn, mean, var, count if group else local_count(y))
-    return out

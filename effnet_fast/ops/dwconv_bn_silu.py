@@ -10,8 +10,7 @@ weights and per-channel vectors and recomputes the conv output:
 import torch
 
 from .backends import ALL_DTYPES, kernels
-from .batch_norm import affine_grads, batch_stats, grad_coefficients, input_grad_sums, local_count
-from .batch_norm import fold as _fold
+from .batch_norm import affine_grads, batch_stats, fold_statistics, grad_coefficients, input_grad_sums, local_count
 from .common import acc_dtype, as_supported_layout, autocast_weight, conv_out_size, memory_format_of
 from .common import autocast_input, check_batch_stats, refuse_double_backward, refuse_unsupported_transforms
 
@@ -65,7 +64,7 @@ def dwconv_bn_silu(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tenso
     else:
         mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
         count = mean.new_full((), out_count, dtype=torch.float64)
-    _, scale, shift = _fold(bn_weight, bn_bias, mean, var, eps)
+    _, scale, shift = fold_statistics(bn_weight, bn_bias, mean, var, eps)
     return k.dwconv_bn_silu_forward(x, weight, scale, shift, stride), mean, var, count
 
 
@@ -92,7 +91,7 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_count):
     x, weight, bn_weight, bn_bias, mean, var, count = ctx.saved_tensors
     k = kernels(ctx.backend)
     grad_out = grad_out.contiguous(memory_format=memory_format_of(x))
-    invstd, scale, shift = _fold(bn_weight, bn_bias, mean, var, ctx.eps)
+    invstd, scale, shift = fold_statistics(bn_weight, bn_bias, mean, var, ctx.eps)
     sum_dz, sum_dz_xmu = k.dwconv_bn_silu_backward_reduce(grad_out, x, weight, scale, shift, mean, ctx.stride)
     sums = input_grad_sums(sum_dz, sum_dz_xmu, count, local_count(grad_out), ctx.group)
     coefs = grad_coefficients(scale, invstd, mean, *sums, ctx.training)

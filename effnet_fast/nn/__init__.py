@@ -1,0 +1,9 @@
+"""Modules: the reference layers of EfficientNet, their Fused* versions (same parameters,
+buffers and state_dict keys), the BatchNorm adapter of the fused ops, and the folded
+inference path."""
+from .batch_norm import SyncBatchNorm2d, bn_silu, recompute_bn_statistics
+from .layers import (ConvBNAct, DWConvBNSiLU, FusedConvBNAct, FusedDWConvBNSiLU, FusedSqueezeExcitation, MBConv,
+                     SqueezeExcitation, StochasticDepth)
+
+__all__ = ["ConvBNAct", "DWConvBNSiLU", "FusedConvBNAct", "FusedDWConvBNSiLU", "FusedSqueezeExcitation", "MBConv",
+           "SqueezeExcitation", "StochasticDepth", "SyncBatchNorm2d", "bn_silu", "recompute_bn_statistics"]
