@@ -3,7 +3,7 @@ candidates take turns, each row is the median of its turns, and every candidate'
 output is checked against eager PyTorch before timing.
 
 Eval rows (on copies of one model whose BN statistics are calibrated as in a trained
-model; see effnet_fast.benchmark.calibrate_bn): eager NCHW and channels_last, fused
+model; see effnet_fast.app.benchmark.calibrate_bn): eager NCHW and channels_last, fused
 channels_last (BN folded), and optionally torch.compile (default and with freezing),
 ONNX Runtime and OpenVINO on the exported reference model. Training rows (SGD step,
 cross-entropy, separate copies): eager NCHW and channels_last, fused, torch.compile.
@@ -20,7 +20,7 @@ import tempfile
 import torch
 
 from effnet_fast import EfficientNet
-from effnet_fast.benchmark import calibrate_bn, eval_forward, median, times_in_turns, train_step
+from effnet_fast.app.benchmark import calibrate_bn, eval_forward, median, times_in_turns, train_step
 
 
 def inputs(batch, size, channels_last, seed=1):

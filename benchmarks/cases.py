@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effnet_fast.benchmark import calibrate_bn, eval_forward, train_step
+from effnet_fast.app.benchmark import calibrate_bn, eval_forward, train_step
+from effnet_fast.ops.backends import backends_for
 
 OPS = ("dwconv_bn_silu", "squeeze_excite", "squeeze_excite_project", "bn_silu", "model")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 MODES = ("eval", "train")
-FUSED_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
 # Largest relative error (max |impl - eager| / max |eager|) over the output and gradients.
 TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 4e-2, torch.float16: 1e-2}
 MODEL_SIZE = 224
@@ -133,7 +133,7 @@ def implementations(device, compile_rows=False, interpret=False, op=None):
     from effnet_fast.ops import resolve_backend
     names = ["eager"]
     interpreted = ("triton",) if interpret and device == "cpu" and op != "model" else ()
-    candidates = FUSED_BACKENDS.get(device, ()) + interpreted
+    candidates = backends_for(device) + interpreted
     for backend in candidates:
         try:
             resolve_backend(backend, torch.device(device))
@@ -327,7 +327,7 @@ def _module_bench(module, x, grad, train, nbytes):
 @functools.lru_cache(maxsize=1)
 def _calibrated_model(version, batch, size, device):
     """A float32 `version` on `device` with BN statistics calibrated on batch x size x size
-    random images (at least 16: see effnet_fast.benchmark.bench_models); one kept, copied
+    random images (at least 16: see effnet_fast.app.benchmark.bench_models); one kept, copied
     by each case."""
     from effnet_fast import EfficientNet
     torch.manual_seed(0)

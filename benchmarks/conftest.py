@@ -94,7 +94,7 @@ _bandwidths = {}
 @pytest.fixture
 def copy_bandwidth(case):
     """Bytes per second of a large copy on the case's device, measured once per session."""
-    from effnet_fast.benchmark import copy_bandwidth as measure
+    from effnet_fast.app.benchmark import copy_bandwidth as measure
     if case.device not in _bandwidths:
         quick = case.max_size is not None  # --bench-quick: the floor is not looked at
         _bandwidths[case.device] = measure(case.device, nbytes=(64 << 20) if quick else None)
@@ -117,7 +117,7 @@ def bench_case(request, benchmark, case):
 def run_case(request, benchmark, case):
     import torch
     from cases import DTYPES, TOLERANCE, build, max_rel_error
-    from effnet_fast.benchmark import rounds_for, synchronized
+    from effnet_fast.app.benchmark import rounds_for, synchronized
     impl, eager = build(case)
     info = benchmark.extra_info
     if case.impl != "eager":

@@ -163,7 +163,7 @@ def _read(source):
     return torch.load(source, map_location="cpu", weights_only=True)
 
 
-def _check_fits(model, state, strict):
+def check_fits(model, state, strict):
     """Raise before anything is copied when `state` cannot load completely, so a
     failed load leaves `model` as it was (load_state_dict copies what fits first)."""
     ours = model.state_dict()
@@ -197,6 +197,6 @@ def load_weights(model, source, layout=None, strict=True):
     if isinstance(state, dict) and "state_dict" in state and not torch.is_tensor(state["state_dict"]):
         state = state["state_dict"]  # a training checkpoint
     state = convert_state_dict(model, state, layout, strict)
-    _check_fits(model, state, strict)
+    check_fits(model, state, strict)
     model.load_state_dict(state, strict=strict)
     return model

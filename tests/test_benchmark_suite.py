@@ -1,6 +1,6 @@
 """One quick pass over the benchmark suite's parametrization (benchmarks/, pytest-benchmark):
 every single-op case at tiny sizes is built and checked against eager once, nothing timed.
-The whole-model rows are left to tests/test_cli.py (effnet_fast.benchmark.bench_models)."""
+The whole-model rows are left to tests/test_cli.py (effnet_fast.app.benchmark.bench_models)."""
 import os
 import subprocess
 import sys

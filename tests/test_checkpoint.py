@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from effnet_fast import cli
-from effnet_fast.checkpoint import check_writable, save_atomic
-from effnet_fast.train import train_digits
+from effnet_fast.app import cli
+from effnet_fast.app.checkpoint import check_writable, save_atomic
+from effnet_fast.app.train import train_digits
 
 
 def _interrupted_torch_save(real_save):

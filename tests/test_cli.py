@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from effnet_fast.cli import main
+from effnet_fast.app.cli import main
 
 
 def test_info(capsys):

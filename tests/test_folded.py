@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from effnet_fast import EfficientNet
-from effnet_fast.benchmark import calibrate_bn
+from effnet_fast.app.benchmark import calibrate_bn
 from effnet_fast.nn import folded
 from effnet_fast.ops.backends import backend_built
 

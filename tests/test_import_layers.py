@@ -156,3 +156,18 @@ def test_the_check_sees_deferred_and_relative_imports(tmp_path):
 def test_the_kernels_import_nothing_of_the_package(name):
     graph = _package_graph()
     assert not [t for t in graph[name] if not t.startswith("effnet_fast.kernels")]
+
+
+@pytest.mark.parametrize("old,new,names", [
+    ("effnet_fast.layers", "effnet_fast.nn", ("MBConv", "FusedDWConvBNSiLU", "SyncBatchNorm2d")),
+    ("effnet_fast.model", "effnet_fast.efficientnet", ("EfficientNet", "set_fused", "VARIANTS")),
+])
+def test_old_module_paths_still_import_with_a_deprecation_warning(old, new, names):
+    import importlib
+    import sys
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=old.replace(".", r"\.")):
+        module = importlib.import_module(old)
+    current = importlib.import_module(new)
+    for name in names:
+        assert getattr(module, name) is getattr(current, name)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import effnet_fast
-from effnet_fast.benchmark import calibrate_bn
+from effnet_fast.app.benchmark import calibrate_bn
 from effnet_fast.nn import folded
 from effnet_fast.ops.backends import backend_built
 from effnet_fast.patch import Patched

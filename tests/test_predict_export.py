@@ -4,9 +4,9 @@ import os
 import pytest
 import torch
 
-from effnet_fast.cli import main, parse_args
-from effnet_fast.predict import load_model
-from effnet_fast.train import train
+from effnet_fast.app.cli import main, parse
+from effnet_fast.app.checkpoint import load_model
+from effnet_fast.app.train import train
 
 pytest.importorskip("sklearn")
 pytest.importorskip("PIL")
@@ -20,10 +20,10 @@ def trained(tmp_path_factory):
     """(checkpoint path, training images as float tensors in [0, 1], labels, folder)."""
     folder = tmp_path_factory.mktemp("run")
     out = folder / "ck.pt"
-    args = parse_args(["train", "--epochs", "1", "--limit", "48", "--batch", "16", "--size", "32", "--workers", "0",
-                       "--out", str(out)])
-    train(args, plot=False)
-    data = args.loaded_data.train
+    args, inputs = parse(["train", "--epochs", "1", "--limit", "48", "--batch", "16", "--size", "32", "--workers", "0",
+                          "--out", str(out)])
+    train(args, inputs, plot=False)
+    data = inputs.data.train
     return out, data.images[:4], data.labels[:4], folder
 
 

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from effnet_fast import checkpoint as checkpoint_module
-from effnet_fast.cli import main, parse_args
-from effnet_fast.train import train
+from effnet_fast.app import checkpoint as checkpoint_module
+from effnet_fast.app.cli import main, parse, parse_args
+from effnet_fast.app.train import train
 
 pytest.importorskip("sklearn")
 pytest.importorskip("torchvision")
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(argv, **kwargs):
-    return train(parse_args(["train", *argv]), **kwargs)
+    return train(*parse(["train", *argv]), **kwargs)
 
 
 def losses(history):
@@ -234,7 +234,7 @@ def test_init_from_torchvision_weights_with_a_new_classifier(tmp_path):
     source = EfficientNet("b0", num_classes=1000)
     path = tmp_path / "tv.pt"
     torch.save(to_layout(source, "torchvision"), path)
-    args = parse_args(["train", *TINY, "--limit", "32", "--epochs", "1", "--init", str(path)])
-    assert args.init_state["new_classifier"] and args.init_state["layout"] == "torchvision"
-    assert torch.equal(args.init_state["state_dict"]["stem.conv.weight"], source.stem.conv.weight)
-    assert "classifier.weight" not in args.init_state["state_dict"]
+    _, inputs = parse(["train", *TINY, "--limit", "32", "--epochs", "1", "--init", str(path)])
+    assert inputs.init_state["new_classifier"] and inputs.init_state["layout"] == "torchvision"
+    assert torch.equal(inputs.init_state["state_dict"]["stem.conv.weight"], source.stem.conv.weight)
+    assert "classifier.weight" not in inputs.init_state["state_dict"]

@@ -94,6 +94,15 @@ REGISTRY = {b.name: b for b in (
 )}
 # The backends a user picks with `fused=`.
 BACKENDS = tuple(name for name, b in REGISTRY.items() if not b.tests_only)
+
+
+def backends_for(device_type):
+    """The user backends (`BACKENDS`) whose kernels run on tensors of `device_type`,
+    in the order fused=True tries them, then the others."""
+    names = [n for n in BACKENDS if device_type in REGISTRY[n].device_types]
+    preferred = AUTO_PREFERENCE.get(device_type, ())
+    return tuple(sorted(names, key=lambda n: preferred.index(n) if n in preferred else len(preferred)))
+
 # The order in which fused=True tries the backends on each device type.
 AUTO_PREFERENCE = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
 # Every dtype some backend runs (each backend refuses the others with a message naming them).

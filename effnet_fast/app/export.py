@@ -12,6 +12,9 @@ import tempfile
 
 import torch
 
+from .args import HelpFormatter, positive_int
+from .checkpoint import check_writable, load_model
+
 FORMATS = ("onnx", "pt2")
 
 
@@ -65,7 +68,6 @@ def run_pt2(path, x):
 def export(weights, fmt, out, batch=2, size=None, dynamic_batch=True, atol=1e-4, rtol=1e-3):
     """Export the model of `weights` to `out`, verified; returns a dict with the
     runtime that checked it and the largest difference from the model's output."""
-    from .predict import load_model
     model, info = load_model(weights, fused=False)  # the reference path, always
     model.eval()
     size = size or info["size"]
@@ -104,7 +106,7 @@ def _umask():
 
 
 def add_command(sub):
-    from .cli import HelpFormatter, positive_int
+    """The `export` subcommand of the command line."""
     p = sub.add_parser("export", formatter_class=HelpFormatter,
                        help="export a checkpoint to ONNX or a torch.export program (.pt2), verified",
                        description="From the reference (unfused) layers of the weights; the exported file is "
@@ -120,7 +122,7 @@ def add_command(sub):
 
 
 def check_args(parser, args):
-    from .checkpoint import check_writable
+    """Post-parse validation (parser.error: exit code 2)."""
     if not os.path.isfile(args.weights):
         parser.error(f"--weights {args.weights}: no such file")
     try:
@@ -135,7 +137,7 @@ def check_args(parser, args):
             parser.error(f"--format onnx needs onnx and onnxscript (pip install onnx onnxscript onnxruntime): {exc}")
 
 
-def run_command(args):
+def run_command(args, _inputs=None):
     try:
         result = export(args.weights, args.format, args.out, size=args.size, dynamic_batch=not args.static_batch)
     except (ValueError, KeyError) as exc:

@@ -5,6 +5,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ..efficientnet import EfficientNet
+from ..nn.batch_norm import recompute_bn_statistics
+
 
 def times_in_turns(fns, repeats, warmup=1):
     """Sorted wall times of each fn, the fns taking turns (one call each per round) so
@@ -84,7 +87,6 @@ def calibrate_bn(model, x, steps=3):
     forwards of x-like random data (momentum=None), as in a trained model. A fresh
     model's eval activations otherwise shrink towards denormal floats through the
     network, which slows CPU code by an order of magnitude and makes timings meaningless."""
-    from .nn.batch_norm import recompute_bn_statistics
     gen = torch.Generator(device=x.device).manual_seed(0)
     return recompute_bn_statistics(model, (torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
                                            for _ in range(steps)))
@@ -105,7 +107,6 @@ def bench_models(version, fused, device, batch, size, channels_last, repeats, tr
     """Median times of the reference and fused `version` models, taking turns, with BN
     statistics calibrated first and the outputs (and first training losses) compared
     before timing; raises AssertionError when they disagree."""
-    from .efficientnet import EfficientNet
     device = torch.device(device)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, size, size, generator=gen).to(device)

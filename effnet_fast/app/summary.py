@@ -1,8 +1,12 @@
-"""Model summaries: parameters and multiply-adds, set beside the paper's table."""
+"""`effnet-fast summary`: parameters and multiply-adds of each variant, set beside the
+paper's table, and a forward pass."""
+import functools
+
 import torch
 from torch import nn
 
-from .efficientnet import VARIANTS, EfficientNet
+from ..efficientnet import VARIANTS, EfficientNet
+from .args import HelpFormatter, positive_int
 
 # The paper's Table 2: FLOPs (multiply-adds, billions) and ImageNet top-1.
 PAPER = {"b0": (0.39, 77.1), "b1": (0.70, 79.1), "b2": (1.0, 80.1), "b3": (1.8, 81.6),
@@ -55,3 +59,29 @@ def format_variant_table(rows):
     for v, w, d, r, p, macs, paper_macs, top1 in rows:
         lines.append(f"{v:<6}{w:>6.1f}{d:>6.1f}{r:>5}{p:>13,}{macs:>8.2f}{paper_macs:>13.2f}{top1:>13.1f}")
     return "\n".join(lines)
+
+
+def add_command(sub):
+    """The `summary` subcommand of the command line."""
+    p = sub.add_parser("summary", formatter_class=HelpFormatter,
+                       help="variants B0-B7 beside the paper's table, and a forward pass")
+    p.add_argument("versions", nargs="*", metavar="VERSION", help=f"variants to list ({', '.join(sorted(VARIANTS))}); "
+                   "default: all")
+    p.add_argument("--size", type=positive_int, help="forward-pass input size (default: the variant's resolution)")
+    p.set_defaults(func=run_command, check=functools.partial(check_args, p))
+    return p
+
+
+def check_args(parser, args):
+    unknown = [v for v in args.versions if v not in VARIANTS]
+    if unknown:
+        parser.error(f"summary: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(sorted(VARIANTS))}")
+
+
+def run_command(args, _inputs=None):
+    print(format_variant_table(variant_table(args.versions)))
+    model = EfficientNet(args.versions[0] if args.versions else "b0").eval()
+    size = args.size or model.resolution
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, size, size))
+    print(f"\nforward pass: {model.version} on a 1x3x{size}x{size} input -> {tuple(out.shape)}")

@@ -1,0 +1,175 @@
+"""The checkpoint format of `effnet-fast train`, the one module that writes it and reads it
+back (train's --resume and --init, predict, export), and atomic saving.
+
+A training checkpoint is a dict of tensors and plain types, loadable with
+torch.load(..., weights_only=True): format "effnet_fast.train", format_version, the
+weights ("state_dict", "ema"), the optimiser, scheduler and scaler states, the epoch
+and step reached, the RNG states, the metrics history, the options ("args"), the model
+("model": version, num_classes, classes) and the preprocessing ("preprocess": size,
+mean, std, crop_fraction, dataset). Files are written atomically: the new file is
+written beside the old one, flushed to disk, then renamed over it, so an interrupt or
+a crash during a save leaves the previous file intact and never a truncated one."""
+import contextlib
+import os
+import tempfile
+
+import torch
+
+from ..convert import check_fits, convert_state_dict, detect_layout, load_weights
+from ..efficientnet import B0_STAGES, HEAD_CHANNELS, VARIANTS, EfficientNet, round_channels, round_repeats
+from .data import IMAGENET_MEAN, IMAGENET_STD
+
+CHECKPOINT_FORMAT = "effnet_fast.train"
+CHECKPOINT_VERSION = 1
+
+
+def check_writable(path):
+    """Raise now, before any work, if a file cannot be saved at `path`."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot save to {path!r}: it is a directory")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"cannot save to {path!r}: directory {directory!r} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot save to {path!r}: directory {directory!r} is not writable")
+
+
+def _new_file_mode(path):
+    """The mode a plain open() would give (or the replaced file's); mkstemp's is 0600."""
+    if os.path.exists(path):
+        return os.stat(path).st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _fsync_directory(directory):
+    with contextlib.suppress(OSError):  # not every platform can open a directory
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_atomic(obj, path):
+    """torch.save(obj, path) through a temporary file in the same directory, fsync
+    and os.replace: `path` holds either its old content or the complete new one."""
+    check_writable(path)
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _new_file_mode(path))
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt too: never leave the temporary file behind
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(directory)
+
+
+def read_checkpoint(path):
+    """A training checkpoint written by `train` (tensors and plain types only)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError("not a training checkpoint of effnet-fast train (a bare state dict can start a run with "
+                         "--init)")
+    if ckpt.get("format_version", 0) > CHECKPOINT_VERSION:
+        raise ValueError(f"written by a newer effnet_fast (checkpoint format {ckpt['format_version']})")
+    return ckpt
+
+
+CLASSIFIER_KEYS = {"effnet_fast": ("classifier.weight", "classifier.bias"),
+                   "torchvision": ("classifier.1.weight", "classifier.1.bias"),
+                   "timm": ("classifier.weight", "classifier.bias")}
+
+
+def init_state_dict(path, version, num_classes, layout="auto"):
+    """Weights from `path` (ours, torchvision's or timm's; a training checkpoint or a
+    state dict) as our state dict for EfficientNet(version, num_classes); the
+    classifier is left out (a new one is trained) when the class count differs."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError("not a state dict (a dict of tensors) nor a training checkpoint")
+    layout = None if layout == "auto" else layout
+    detected = detect_layout(state)
+    if layout is None and detected == "timm":
+        raise ValueError("looks like timm's layout: pass --init-layout timm (for timm's efficientnet_b* weights; "
+                         "its TF ports tf_efficientnet_b* are not supported)")
+    layout = layout or detected
+    weight_key, bias_key = CLASSIFIER_KEYS[layout]
+    model = EfficientNet(version, num_classes=num_classes)
+    new_head = weight_key in state and state[weight_key].shape[0] != num_classes
+    if new_head:
+        state = {k: v for k, v in state.items() if k not in (weight_key, bias_key)}
+    ours = convert_state_dict(model, state, layout, strict=not new_head)
+    if new_head:
+        missing = sorted(k for k in model.state_dict().keys() - ours.keys()
+                         if not k.endswith("num_batches_tracked") and not k.startswith("classifier."))
+        if missing:
+            raise KeyError(f"{len(missing)} tensors of a {version} are missing, e.g. {missing[:3]}: another variant?")
+    check_fits(model, ours, strict=not new_head)
+    return {"state_dict": ours, "new_classifier": new_head, "layout": layout}
+
+
+def infer_version(state_dict):
+    """The variant a state dict of ours was saved from (head width and block count)."""
+    head = state_dict["head.conv.weight"].shape[0]
+    blocks = {".".join(k.split(".")[:3]) for k in state_dict if k.startswith("blocks.")}
+    for name, v in sorted(VARIANTS.items()):
+        if (round_channels(HEAD_CHANNELS, v.width) == head
+                and sum(round_repeats(s.repeats, v.depth) for s in B0_STAGES) == len(blocks)):
+            return name
+    raise ValueError(f"no variant has a {head}-channel head and {len(blocks)} blocks")
+
+
+def load_model(path, version=None, fused=False, use_ema=True):
+    """(model in eval mode, info) from a training checkpoint or a bare state dict.
+    info: version, num_classes, classes, size, mean, std, crop_fraction, ema."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: not a checkpoint nor a state dict")
+    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        state = obj["ema"] if use_ema and obj.get("ema") is not None else obj["state_dict"]
+        meta, pre = obj.get("model", {}), obj.get("preprocess", {})
+        ema = state is obj.get("ema")
+    else:
+        state, meta, pre, ema = obj, {}, {}, False
+    if not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{path}: not a state dict (a dict of tensors)")
+    if "classifier.weight" not in state:
+        raise ValueError(f"{path}: weights in {detect_layout(state)}'s layout; train or convert them first (our "
+                         "checkpoints and state dicts are read here)")
+    version = version or meta.get("version") or infer_version(state)
+    num_classes = state["classifier.weight"].shape[0]
+    classes = meta.get("classes") or (list(map(str, range(10))) if num_classes == 10 and
+                                      pre.get("dataset") == "digits" else [str(i) for i in range(num_classes)])
+    model = EfficientNet(version, num_classes=num_classes, fused=fused)
+    load_weights(model, state)
+    info = {"version": version, "num_classes": num_classes, "classes": list(classes),
+            "size": pre.get("size") or model.resolution, "mean": tuple(pre.get("mean") or IMAGENET_MEAN),
+            "std": tuple(pre.get("std") or IMAGENET_STD),
+            "crop_fraction": pre.get("crop_fraction", 0.875), "ema": ema}
+    return model.eval(), info
+
+
+def training_checkpoint(*, state_dict, optimizer, scheduler, epoch, history, args, model, preprocess, ema=None,
+                        ema_updates=0, scaler=None, step_in_epoch=0, partial=None, world_size=1, rng=()):
+    """The dict `effnet-fast train` saves (see the module docstring); every field a tensor
+    or a plain type."""
+    return {
+        "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+        "state_dict": state_dict, "ema": ema, "ema_updates": ema_updates,
+        "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler,
+        "epoch": epoch, "step_in_epoch": step_in_epoch, "partial": partial,
+        "world_size": world_size, "rng": list(rng), "history": history, "args": args,
+        "model": model, "preprocess": preprocess,
+    }

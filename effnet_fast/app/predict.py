@@ -1,0 +1,88 @@
+"""`effnet-fast predict IMAGE... --weights PATH`: the top-k classes of each image.
+
+Loads a checkpoint of `effnet-fast train` (model, class names and preprocessing are
+in it) or a bare state dict of ours (the variant is read from its shapes), always
+with torch.load(..., weights_only=True)."""
+import functools
+import os
+
+import torch
+
+from .args import (FUSED_METAVAR, HelpFormatter, check_fused_on_device, default_device, device_arg, fused_arg,
+                   positive_int)
+from .checkpoint import load_model
+
+
+def preprocess(paths, info):
+    """The images as one normalised batch, as the validation set was fed."""
+    from PIL import Image
+    from torchvision.transforms import v2
+    size = info["size"]
+    steps = [v2.ToImage()]
+    if info["crop_fraction"] < 1.0:
+        steps += [v2.Resize(int(size / info["crop_fraction"]), antialias=True), v2.CenterCrop(size)]
+    else:
+        steps += [v2.Resize((size, size), antialias=True)]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(info["mean"], info["std"])]
+    transform = v2.Compose(steps)
+    images = []
+    for path in paths:
+        with Image.open(path) as im:
+            images.append(transform(im.convert("RGB")))
+    return torch.stack(images)
+
+
+def predict(paths, weights, topk=5, fused=False, device="cpu"):
+    """[(path, [(class name, probability), ...]), ...], the top `topk` per image, with the
+    model of checkpoint `weights` (see effnet_fast.app.checkpoint.load_model)."""
+    return predict_with(load_model(weights, fused=fused), paths, topk, device)
+
+
+@torch.no_grad()
+def predict_with(loaded, paths, topk=5, device="cpu"):
+    """predict() with a (model, info) pair load_model returned."""
+    model, info = loaded
+    model.to(device)
+    x = preprocess(paths, info).to(device)
+    probs = model(x).float().softmax(1)
+    k = min(topk, info["num_classes"])
+    values, indices = probs.topk(k, dim=1)
+    return [(path, [(info["classes"][i], p) for i, p in zip(idx.tolist(), val.tolist())])
+            for path, idx, val in zip(paths, indices, values)]
+
+
+def add_command(sub):
+    """The `predict` subcommand of the command line."""
+    p = sub.add_parser("predict", formatter_class=HelpFormatter,
+                       help="top-k classes of images, with a checkpoint of `train`",
+                       description="Class names and preprocessing come from the training checkpoint (the EMA "
+                                   "weights when it has them);\na bare state dict of ours works too.")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--weights", required=True, metavar="PATH", help="checkpoint of `effnet-fast train` or a state "
+                   "dict of ours")
+    p.add_argument("--topk", type=positive_int, default=5, help="classes shown per image")
+    p.add_argument("--fused", type=fused_arg, default="off", metavar=FUSED_METAVAR, help="fused kernels")
+    p.add_argument("--device", type=device_arg, default=default_device(), help="cpu, cuda or cuda:N")
+    p.set_defaults(func=run_command, check=functools.partial(check_args, p))
+    return p
+
+
+def check_args(parser, args):
+    """Post-parse validation (parser.error: exit code 2); returns the loaded (model, info)."""
+    check_fused_on_device(parser, args.fused, args.device)
+    missing = [path for path in args.images if not os.path.isfile(path)]
+    if missing:
+        parser.error(f"IMAGE: no such file: {', '.join(missing)}")
+    if not os.path.isfile(args.weights):
+        parser.error(f"--weights {args.weights}: no such file")
+    try:
+        return load_model(args.weights, fused=args.fused)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        parser.error(f"--weights {args.weights}: {exc}")
+
+
+def run_command(args, loaded):
+    results = predict_with(loaded, args.images, args.topk, args.device)
+    for path, top in results:
+        print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
+    return results
