@@ -100,7 +100,8 @@ def check_conv_settings(layer, conv, stride, padding, groups, bias):
 
 
 class SqueezeExcitation(nn.Module):
-    """x * sigmoid(fc2(silu(fc1(avgpool(x))))), fc1/fc2 1x1 convs with bias."""
+    """x * sigmoid(fc2(silu(fc1(avgpool(x))))), fc1/fc2 1x1 convs with bias: (N, C, H, W)
+    -> (N, C, H, W) through a (N, reduced_channels) bottleneck."""
 
     def __init__(self, channels, reduced_channels):
         super().__init__()
@@ -113,6 +114,12 @@ class SqueezeExcitation(nn.Module):
 
 
 class FusedSqueezeExcitation(SqueezeExcitation):
+    """SqueezeExcitation computed by the fused op effnet_fast::squeeze_excite (pool and
+    channel scale as kernels, the two small fully connected layers in torch) on backend
+    True/'auto' or a backend name. Input and output (N, C, H, W), NCHW or channels_last.
+    `forward_project` adds the block's 1x1 projection conv without storing the gated
+    tensor; `forward_project_folded` is its eval form with the projection BN folded."""
+
     def __init__(self, channels, reduced_channels, backend=True):
         super().__init__(channels, reduced_channels)
         self.backend = backend
@@ -172,7 +179,11 @@ class StochasticDepth(nn.Module):
 
 
 class MBConv(nn.Module):
-    """Inverted residual: 1x1 expand, depthwise, squeeze-excitation, 1x1 project."""
+    """Inverted residual: 1x1 expand (+ BN + SiLU), depthwise k x k (+ BN + SiLU),
+    squeeze-excitation, 1x1 project (+ BN), and stochastic depth + the identity when the
+    shape is kept. (N, C_in, H, W) -> (N, C_out, H / stride, W / stride). set_fused swaps
+    its layers for their Fused* versions; forward then runs SE and the projection as one
+    op (or folded, in eval)."""
 
     def __init__(self, in_channels, out_channels, expand_ratio, kernel_size, stride, drop_prob,
                  se_ratio=0.25, bn_eps=1e-5, bn_momentum=0.1):

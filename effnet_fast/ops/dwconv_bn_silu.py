@@ -21,7 +21,8 @@ DTYPES = ALL_DTYPES  # each backend refuses the ones it does not run, naming its
 
 
 def check_inputs(x, weight, bn_weight, bn_bias, stride):
-    """Raise a ValueError/TypeError naming what is wrong with the inputs."""
+    """Raise a ValueError/TypeError naming what is wrong with x (N, C, H, W), the
+    depthwise weight (C, 1, k, k), the BatchNorm weight and bias (C,) and the stride."""
     if x.dim() != 4:
         raise ValueError(f"dwconv_bn_silu: expected a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
     n, c, h, w = x.shape
@@ -105,7 +106,28 @@ torch.library.register_autograd("effnet_fast::dwconv_bn_silu", _backward, setup_
 
 def dwconv_bn_silu_fn(x, weight, bn_weight, bn_bias, running_mean, running_var, training, eps, stride, backend,
                       group=""):
-    """Validate, bring x to a supported layout and call the op (group: see the op)."""
+    """silu(batch_norm(depthwise_conv(x))) by the op effnet_fast::dwconv_bn_silu, after
+    checking the inputs (a clear error for each wrong shape, dtype, device, kernel size
+    or stride) and bringing x to a supported layout.
+
+    Args:
+        x: (N, C, H, W), NCHW or channels_last (other strides are copied), float32/64,
+            bfloat16 or float16 as the backend allows; under autocast, float32 x and
+            weight are cast to the autocast dtype.
+        weight: (C, 1, k, k) depthwise weight, k in KERNEL_SIZES, x's dtype.
+        bn_weight, bn_bias: (C,) BatchNorm affine parameters (float32, or float64 for float64 x).
+        running_mean, running_var: (C,) running statistics (read in eval mode; empty tensors
+            when `training` is True and there are none).
+        training: normalise with the batch statistics (True) or the running ones.
+        eps: BatchNorm eps; stride: 1 or 2 (padding k // 2); backend: a backend name.
+        group: the name of a process group merging the batch statistics, "" for none.
+
+    Returns:
+        (out, mean, var, count): out (N, C, H_out, W_out) in x's dtype and memory format;
+        mean and biased var (C,) in float32 (float64 for float64 x): the batch statistics
+        in training, copies of the running ones in eval; count: a float64 scalar tensor,
+        the values per channel behind them (over every rank when synchronised).
+    """
     refuse_unsupported_transforms(LAYER, x)
     x = autocast_input(x)
     weight = autocast_weight(weight, x)

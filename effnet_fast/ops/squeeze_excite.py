@@ -17,6 +17,8 @@ LAYER_PROJECT = "FusedSqueezeExcitation + 1x1 projection (op effnet_fast::squeez
 
 
 def check_inputs(x, w1, b1, w2, b2):
+    """Raise a ValueError/TypeError naming what is wrong with x (N, C, H, W), fc1's weight
+    (C_r, C, 1, 1) and bias (C_r,), fc2's weight (C, C_r, 1, 1) and bias (C,)."""
     if x.dim() != 4:
         raise ValueError(f"squeeze_excite: expected a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
     c = x.shape[1]
@@ -136,12 +138,33 @@ torch.library.register_autograd("effnet_fast::squeeze_excite_project", _backward
 
 
 def squeeze_excite_fn(x, w1, b1, w2, b2, backend):
+    """x * sigmoid(fc2(silu(fc1(mean_hw(x))))) by the op effnet_fast::squeeze_excite.
+
+    Args:
+        x: (N, C, H, W), NCHW or channels_last (other strides are copied), any floating dtype
+            the backend runs.
+        w1, b1: fc1, a 1x1 conv (C_r, C, 1, 1) with bias (C_r,); w2, b2: fc2, (C, C_r, 1, 1)
+            and (C,); x's dtype (under autocast, any).
+        backend: a backend name (see effnet_fast.ops.backends).
+
+    Returns:
+        (N, C, H, W) in x's dtype and memory format. The gate is computed in float32
+        (float64 for float64 x). Backward keeps x and the (N, C) pooled mean only.
+    """
     refuse_unsupported_transforms(LAYER, x)
     check_inputs(x, w1, b1, w2, b2)
     return squeeze_excite(as_supported_layout(x), w1, b1, w2, b2, backend)[0]
 
 
 def squeeze_excite_project_fn(x, w1, b1, w2, b2, w_proj, backend):
+    """conv1x1(squeeze_excite(x), w_proj) by the op effnet_fast::squeeze_excite_project: the
+    block's projection after the gate, without keeping x * gate for backward.
+
+    Args: as `squeeze_excite_fn`, and w_proj: (C_out, C, 1, 1), no bias.
+
+    Returns:
+        (N, C_out, H, W) in x's dtype (autocast's under autocast) and memory format.
+    """
     refuse_unsupported_transforms(LAYER_PROJECT, x)
     w_proj = autocast_weight(w_proj, x)
     check_inputs(x, w1, b1, w2, b2)
