@@ -1,11 +1,12 @@
-"""Launch helpers shared by the Triton kernels: autotuning, work split, final reductions,
-and the few layout helpers they need (this package imports nothing from effnet_fast)."""
+"""Launch helpers shared by the Triton kernels: autotuning, work split, final reductions."""
 import inspect
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .layout import memory_format_of
 
 # Under the interpreter (CPU tensors) every program runs in Python: one small config,
 # no autotuning. On a GPU a few configs are tried per shape.
@@ -48,27 +49,6 @@ def autotuned(gpu_configs, interpreter_config, key, **kwargs):
         return triton.autotune(configs=configs, key=key, do_bench=_quick_bench, **kwargs)
     except TypeError:  # older Triton without the do_bench argument
         return triton.autotune(configs=configs, key=key, **kwargs)
-
-
-def is_channels_last(x):
-    """True when x is stored channels_last (and not also plain contiguous)."""
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-
-
-def memory_format_of(x):
-    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
-
-
-def as_supported_layout(x):
-    """x itself when it is contiguous or channels_last, else a contiguous copy."""
-    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
-        return x
-    return x.contiguous()
-
-
-def conv_out_size(size, kernel_size, stride):
-    """Output size of a conv with symmetric padding kernel_size // 2."""
-    return (size + 2 * (kernel_size // 2) - kernel_size) // stride + 1
 
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)

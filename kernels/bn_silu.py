@@ -11,8 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, as_supported_layout, autotuned, check_supported, empty_like_layout, group_tile_range,
-                      is_channels_last, memory_format_of, num_groups, shape_generic_jit, sum_rows)
+from ._common import (INTERPRET, autotuned, check_supported, empty_like_layout, group_tile_range, num_groups,
+                      shape_generic_jit, sum_rows)
+from .layout import as_supported_layout, is_channels_last, memory_format_of
 from .dwconv_bn_silu import _load_channel, _merge_stats_kernel, _merge_tile, _tile_channels
 
 _REDUCE_KEY = ["C", "HW"]

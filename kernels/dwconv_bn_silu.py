@@ -14,8 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, autotuned, check_supported, conv_out_size, empty_like_layout, group_tile_range,
-                      is_channels_last, num_groups, shape_generic_jit, sum_rows)
+from ._common import (INTERPRET, autotuned, check_supported, empty_like_layout, group_tile_range, num_groups,
+                      shape_generic_jit, sum_rows)
+from .layout import conv_out_size, is_channels_last
 
 _KEY = ["C", "OH", "OW", "K", "STRIDE"]
 # At most 4 elements per thread: the k*k tap loads are all in flight at once, and more

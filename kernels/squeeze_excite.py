@@ -5,8 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, as_supported_layout, autotuned, check_supported, is_channels_last, memory_format_of,
-                      shape_generic_jit, sum_rows)
+from ._common import INTERPRET, autotuned, check_supported, shape_generic_jit, sum_rows
+from .layout import as_supported_layout, is_channels_last, memory_format_of
 
 _REDUCE_KEY = ["R", "L", "rows_per_split"]
 # NCHW: a block of planes per program, each reduced along its contiguous H*W.

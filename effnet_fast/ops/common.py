@@ -1,31 +1,16 @@
 """Small helpers shared by the ops and every backend."""
 import torch
 
+from ..kernels.layout import as_supported_layout, conv_out_size, is_channels_last, memory_format_of
+
+__all__ = ["acc_dtype", "as_supported_layout", "conv_out_size", "is_channels_last", "memory_format_of",
+           "autocast_weight", "autocast_input", "refuse_double_backward", "refuse_unsupported_transforms",
+           "check_batch_stats", "REFERENCE_HINT"]
+
 
 def acc_dtype(dtype):
     """Dtype of per-channel statistics and reductions for inputs of `dtype`."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def is_channels_last(x):
-    """True when x is stored channels_last (and not also plain contiguous)."""
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-
-
-def memory_format_of(x):
-    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
-
-
-def as_supported_layout(x):
-    """x itself when it is contiguous or channels_last, else a contiguous copy."""
-    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
-        return x
-    return x.contiguous()
-
-
-def conv_out_size(size, kernel_size, stride):
-    """Output size of a conv with symmetric padding kernel_size // 2."""
-    return (size + 2 * (kernel_size // 2) - kernel_size) // stride + 1
 
 
 def autocast_weight(weight, x):
