@@ -105,6 +105,7 @@ def init_state_dict(path, version, num_classes, layout="auto"):
         raise ValueError("looks like timm's layout: pass --init-layout timm (for timm's efficientnet_b* weights; "
                          "its TF ports tf_efficientnet_b* are not supported)")
     layout = layout or detected
+    check_variant(state, layout, version)
     weight_key, bias_key = CLASSIFIER_KEYS[layout]
     model = EfficientNet(version, num_classes=num_classes)
     new_head = weight_key in state and state[weight_key].shape[0] != num_classes
@@ -120,15 +121,39 @@ def init_state_dict(path, version, num_classes, layout="auto"):
     return {"state_dict": ours, "new_classifier": new_head, "layout": layout}
 
 
-def infer_version(state_dict):
-    """The variant a state dict of ours was saved from (head width and block count)."""
-    head = state_dict["head.conv.weight"].shape[0]
-    blocks = {".".join(k.split(".")[:3]) for k in state_dict if k.startswith("blocks.")}
+def _architecture(state, layout):
+    """(head channels, block count) of a state dict in `layout`."""
+    if layout == "torchvision":  # features.0 the stem, features.1-7 the stages, the last one the head
+        stages = [int(k.split(".")[1]) for k in state if k.startswith("features.")]
+        head_key = f"features.{max(stages, default=0)}.0.weight"
+        blocks = {".".join(k.split(".")[:3]) for k in state if k.startswith("features.") and ".block." in k}
+    else:
+        head_key = "head.conv.weight" if layout == "effnet_fast" else "conv_head.weight"
+        blocks = {".".join(k.split(".")[:3]) for k in state if k.startswith("blocks.")}
+    if head_key not in state:
+        raise ValueError(f"no head convolution ({head_key}) in these {layout} weights")
+    return state[head_key].shape[0], len(blocks)
+
+
+def infer_version(state_dict, layout="effnet_fast"):
+    """The variant a state dict (ours, torchvision's or timm's) was saved from: its head
+    width and block count."""
+    head, blocks = _architecture(state_dict, layout)
     for name, v in sorted(VARIANTS.items()):
         if (round_channels(HEAD_CHANNELS, v.width) == head
-                and sum(round_repeats(s.repeats, v.depth) for s in B0_STAGES) == len(blocks)):
+                and sum(round_repeats(s.repeats, v.depth) for s in B0_STAGES) == blocks):
             return name
-    raise ValueError(f"no variant has a {head}-channel head and {len(blocks)} blocks")
+    raise ValueError(f"no variant has a {head}-channel head and {blocks} blocks")
+
+
+def check_variant(state, layout, version):
+    """Refuse weights of another variant by name: B1's blocks are a superset of B0's
+    with the same shapes, so a partial load would otherwise go through."""
+    found = infer_version(state, layout)
+    if found != version:
+        head, blocks = _architecture(state, layout)
+        raise ValueError(f"holds a {found} ({layout} layout: {blocks} blocks, {head}-channel head) but this run "
+                         f"builds a {version}; pass --version {found}")
 
 
 def load_model(path, version=None, fused=False, use_ema=True):
