@@ -28,6 +28,59 @@ class DataError(ValueError):
     """A data option that cannot be used; the message names the option."""
 
 
+class UnreadableImage(ValueError):
+    """An image file PIL cannot open or decode; the message names the file."""
+
+
+# PIL's errors on a file that is not an image it can decode: OSError (UnidentifiedImageError,
+# truncated data), SyntaxError and ValueError from some decoders, and DecompressionBombError
+# (more than twice Image.MAX_IMAGE_PIXELS).
+def _image_errors():
+    from PIL import Image
+    return OSError, SyntaxError, ValueError, Image.DecompressionBombError
+
+
+# Greyscale modes wider than 8 bits: convert("RGB") clips them (every value over 255 turns
+# white). PNG's 16-bit greyscale opens as I;16 (or I in older Pillow).
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb8(im):
+    """A PIL image as 8-bit RGB; 16-bit greyscale scaled (65535 -> 255) rather than clipped."""
+    from PIL import Image
+    if im.mode in WIDE_GREY_MODES:
+        import numpy as np
+        grey = np.clip(np.round(np.asarray(im, dtype=np.float64) / 257), 0, 255).astype(np.uint8)
+        im = Image.fromarray(grey, "L")
+    return im.convert("RGB")
+
+
+def read_image(path):
+    """The image file at `path`, decoded, as 8-bit RGB (see to_rgb8): the one reader of
+    training's ImageFolder and predict. Raises UnreadableImage naming the file."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return to_rgb8(im)
+    except _image_errors() as exc:
+        detail = f": {exc}" if str(path) not in str(exc) else ""  # PIL's messages often repeat the path
+        raise UnreadableImage(f"{path}: not an image PIL can read ({type(exc).__name__}{detail})") from None
+
+
+def unreadable_images(paths):
+    """Messages for the files among `paths` whose header PIL cannot read (the header only:
+    fast enough to check a data set when it is loaded)."""
+    from PIL import Image
+    bad = []
+    for path in paths:
+        try:
+            with Image.open(path):
+                pass
+        except _image_errors() as exc:
+            bad.append(f"{path} ({type(exc).__name__})")
+    return bad
+
+
 @dataclass
 class Data:
     train: Dataset
@@ -217,9 +270,59 @@ def _has_images(folder):
     return False
 
 
+class ImageFiles(Dataset):
+    """The ImageFolder layout (root/<class>/**/<image>) as (image, class index) pairs,
+    each image file once, unlike torchvision's ImageFolder: directory links inside a
+    class folder are not followed (a link back into the tree would list its files again
+    and again), and a file reached twice (a file link, a class folder linked into
+    another) is kept once, by its real path. Images are read with read_image."""
+
+    def __init__(self, root):
+        self.classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+        self.samples, seen = [], set()
+        for index, cls in enumerate(self.classes):
+            for folder, dirs, files in os.walk(os.path.join(root, cls)):  # followlinks=False
+                dirs.sort()
+                for name in sorted(files):
+                    path = os.path.join(folder, name)
+                    real = os.path.realpath(path)
+                    if name.lower().endswith(IMAGE_EXTENSIONS) and real not in seen and os.path.isfile(real):
+                        seen.add(real)
+                        self.samples.append((path, index))
+        found = {index for _, index in self.samples}
+        empty = [cls for index, cls in enumerate(self.classes) if index not in found]
+        if not self.classes or empty:
+            raise FileNotFoundError(f"no class folders in {root}" if not self.classes else
+                                    f"no image files (that no other class holds) in the class folders {empty}")
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, target = self.samples[index]
+        return read_image(path), target
+
+    def drop(self, real_paths):
+        """Leave out the files whose real path is in `real_paths`; returns how many."""
+        kept = [s for s in self.samples if os.path.realpath(s[0]) not in real_paths]
+        dropped, self.samples = len(self.samples) - len(kept), kept
+        return dropped
+
+
+def _check_images(root, datasets_and_indices):
+    """DataError naming the files (of those used) that are not images, before training."""
+    bad = []
+    for dataset, indices in datasets_and_indices:
+        bad += unreadable_images(dataset.samples[i][0] for i in indices)
+    if bad:
+        raise DataError(f"--data {root}: {len(bad)} files are not images PIL can read (remove them): "
+                        + ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
+
+
 def load_imagefolder(root, size, val_fraction=0.2, seed=0, limit=None, scale=0.08, hflip=0.5):
-    """root/train/<class>/*.jpg (+ root/val/<class>/...), or root/<class>/... split by val_fraction."""
-    from torchvision.datasets import ImageFolder
+    """root/train/<class>/*.jpg (+ root/val/<class>/...), or root/<class>/... split by
+    val_fraction. Each image file is read once (see ImageFiles); a file both in train/ and
+    val/ is kept for validation only. Files that are not images are refused here."""
     train_dir = os.path.join(root, "train")
     if not os.path.isdir(train_dir):
         train_dir = root
@@ -230,19 +333,22 @@ def load_imagefolder(root, size, val_fraction=0.2, seed=0, limit=None, scale=0.0
         raise DataError(f"--data {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in class folders under "
                         f"{train_dir}; expected DIR/train/<class>/*.jpg (and DIR/val/<class>/...)")
     try:
-        full = ImageFolder(train_dir)
+        full = ImageFiles(train_dir)
     except (FileNotFoundError, RuntimeError) as exc:
         raise DataError(f"--data {root}: {exc}") from None
     classes = list(full.classes)
     t_train, t_eval = train_transform(size, scale, hflip), eval_transform(size)
+    shared = ""
     if val_dir is not None:
         try:
-            val_full = ImageFolder(val_dir)
+            val_full = ImageFiles(val_dir)
         except (FileNotFoundError, RuntimeError) as exc:
             raise DataError(f"--data {root}: {val_dir}: {exc}") from None
         if val_full.classes != classes:
             raise DataError(f"--data {root}: the class folders of {val_dir} ({len(val_full.classes)}) differ from "
                             f"those of {train_dir} ({len(classes)})")
+        dropped = full.drop({os.path.realpath(path) for path, _ in val_full.samples})
+        shared = f"; {dropped} files of both left out of training" if dropped else ""
         train_idx = _limit(list(range(len(full))), limit)
         val_idx = _limit(list(range(len(val_full))), limit)
         split = os.path.basename(val_dir) + "/"
@@ -251,11 +357,12 @@ def load_imagefolder(root, size, val_fraction=0.2, seed=0, limit=None, scale=0.0
         train_idx, val_idx = split_indices(len(full), val_fraction, seed)
         train_idx, val_idx = _limit(train_idx, limit), _limit(val_idx, limit)
         split = f"--val-fraction {val_fraction}"
+    _check_images(root, [(full, train_idx), (val_full, val_idx)])
     train = Transformed(Subset(full, train_idx), t_train)
     val = Transformed(Subset(val_full, val_idx), t_eval)
     return Data(train, val, classes, "imagefolder",
-                f"ImageFolder {root}: {len(classes)} classes, {len(train)} train / {len(val)} val images ({split}), "
-                f"{size}x{size}")
+                f"ImageFolder {root}: {len(classes)} classes, {len(train)} train / {len(val)} val images ({split}"
+                f"{shared}), {size}x{size}")
 
 
 def resolve_dataset(data_dir, dataset):

@@ -11,11 +11,12 @@ import torch
 from .args import (FUSED_METAVAR, HelpFormatter, check_fused_on_device, default_device, device_arg, fused_arg,
                    positive_int)
 from .checkpoint import load_model
+from .data import read_image
 
 
 def preprocess(paths, info):
-    """The images as one normalised batch, as the validation set was fed."""
-    from PIL import Image
+    """The images as one normalised batch, as the validation set was fed (read as training
+    reads them: read_image raises UnreadableImage naming a file that is not an image)."""
     from torchvision.transforms import v2
     size = info["size"]
     steps = [v2.ToImage()]
@@ -25,11 +26,7 @@ def preprocess(paths, info):
         steps += [v2.Resize((size, size), antialias=True)]
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(info["mean"], info["std"])]
     transform = v2.Compose(steps)
-    images = []
-    for path in paths:
-        with Image.open(path) as im:
-            images.append(transform(im.convert("RGB")))
-    return torch.stack(images)
+    return torch.stack([transform(read_image(path)) for path in paths])
 
 
 def predict(paths, weights, topk=5, fused=False, device="cpu"):
