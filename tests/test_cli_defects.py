@@ -168,6 +168,7 @@ def test_sigterm_during_evaluation_saves_and_exits_143(tmp_path):
     code = proc.wait(timeout=300)
     text = "".join(output)
     assert "Traceback" not in text, text
+    assert "evaluating epoch 1/1" in text, text
     ckpt = torch.load(out, map_location="cpu", weights_only=True)
     if ckpt["history"]:
         pytest.skip("the evaluation finished before the signal arrived")

@@ -187,14 +187,17 @@ def load_model(path, version=None, fused=False, use_ema=True):
 
 
 def training_checkpoint(*, state_dict, optimizer, scheduler, epoch, history, args, model, preprocess, ema=None,
-                        ema_updates=0, scaler=None, step_in_epoch=0, partial=None, world_size=1, rng=()):
+                        ema_updates=0, scaler=None, step_in_epoch=0, partial=None, world_size=1, rng=(),
+                        evaluation_pending=False):
     """The dict `effnet-fast train` saves (see the module docstring); every field a tensor
-    or a plain type."""
+    or a plain type. evaluation_pending: a signal stopped the evaluation of epoch `epoch`
+    (from 0) whose training is done (step_in_epoch = its steps); --resume evaluates it."""
     return {
         "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
         "state_dict": state_dict, "ema": ema, "ema_updates": ema_updates,
         "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler,
         "epoch": epoch, "step_in_epoch": step_in_epoch, "partial": partial,
-        "world_size": world_size, "rng": list(rng), "history": history, "args": args,
+        "evaluation_pending": evaluation_pending, "world_size": world_size, "rng": list(rng),
+        "history": history, "args": args,
         "model": model, "preprocess": preprocess,
     }

@@ -79,8 +79,9 @@ class Distributed:
 
 
 class StopRequest:
-    """SIGINT / SIGTERM set a flag the loop checks after every step (a second
-    SIGINT interrupts at once). Handlers are installed from the main thread only."""
+    """SIGINT / SIGTERM set a flag the loop checks after every training step and every
+    batch of evaluation and BatchNorm recalibration (a second SIGINT interrupts at once).
+    Handlers are installed from the main thread only."""
 
     def __init__(self):
         self.signum, self.previous = 0, {}
@@ -89,7 +90,7 @@ class StopRequest:
         if self.signum and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+        print(f"\n{signal.Signals(signum).name}: stopping after this batch and saving a checkpoint "
               "(Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
 
     def __enter__(self):

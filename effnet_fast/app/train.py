@@ -221,8 +221,11 @@ def _announce(run, inputs):
     args, dist_ctx, parts = run.args, run.dist, run.parts
     device, amp = dist_ctx.device, AMP_DTYPES[args.amp]
     backend = describe_backend(args.fused, device)
-    resumed = (f", resumed at epoch {run.start_epoch + 1}" + (f" step {run.skip_steps}" if run.skip_steps else "")
-               if inputs.resume_state is not None else "")
+    resumed = ""
+    if inputs.resume_state is not None:
+        where = (f"the evaluation of epoch {run.start_epoch + 1}" if run.skip_steps == run.steps else
+                 f"epoch {run.start_epoch + 1}" + (f" step {run.skip_steps}" if run.skip_steps else ""))
+        resumed = f", resumed at {where}"
     run.say(f"training {args.version} ({backend}, {device}{', channels_last' if args.channels_last else ''}"
             f"{', amp ' + args.amp if amp else ''}) on {run.data.description}")
     run.say(f"{args.epochs} epochs x {run.steps} steps of {args.batch}"
@@ -237,9 +240,10 @@ def _announce(run, inputs):
                 f"{', new classifier for ' + str(run.num_classes) + ' classes' if init['new_classifier'] else ''})")
 
 
-def save_checkpoint(run, epoch, step_in_epoch=0, partial_sums=None):
-    """The run's checkpoint (rank 0 writes it; every rank sends its RNG state)."""
-    rngs = [rng_state()]
+def save_checkpoint(run, epoch, step_in_epoch=0, partial_sums=None, rng=None, evaluation_pending=False):
+    """The run's checkpoint (rank 0 writes it; every rank sends its RNG state: `rng`, or
+    the current one)."""
+    rngs = [rng if rng is not None else rng_state()]
     if run.dist.world > 1:
         import torch.distributed as dist
         gathered = [None] * run.dist.world
@@ -254,7 +258,8 @@ def save_checkpoint(run, epoch, step_in_epoch=0, partial_sums=None):
         ema_updates=ema.updates if ema is not None else 0, optimizer=parts.optimizer.state_dict(),
         scheduler=parts.scheduler.state_dict(),
         scaler=parts.scaler.state_dict() if parts.scaler.is_enabled() else None,
-        epoch=epoch, step_in_epoch=step_in_epoch, partial=partial_sums, world_size=run.dist.world, rng=rngs,
+        epoch=epoch, step_in_epoch=step_in_epoch, partial=partial_sums, evaluation_pending=evaluation_pending,
+        world_size=run.dist.world, rng=rngs,
         history=run.history, args=plain_args(args),
         model={"version": args.version, "num_classes": run.num_classes, "classes": list(data.classes)},
         preprocess={"size": args.size, "mean": list(data.mean), "std": list(data.std),
@@ -285,7 +290,14 @@ def _epochs(run, stop, metrics_path, on_epoch_end):
             run.say(f"interrupted in epoch {epoch + 1} at step {step}/{run.steps}: checkpoint saved to {args.out}; "
                     f"continue with --resume {args.out}")
             break
-        record = _evaluate_epoch(run, epoch, sums, seen_here, epoch_time)
+        rng = rng_state()  # the recalibration draws dropout masks: a resumed evaluation starts from here
+        record = _evaluate_epoch(run, epoch, sums, seen_here, epoch_time, stop)
+        if record is None:
+            save_checkpoint(run, epoch, step, sums, rng=rng, evaluation_pending=True)
+            interrupted = int(dist_ctx.max(stop.signum))
+            run.say(f"interrupted while evaluating epoch {epoch + 1}: its training is saved to {args.out}; "
+                    f"--resume {args.out} evaluates it and continues")
+            break
         if metrics_path:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -300,21 +312,30 @@ def _epochs(run, stop, metrics_path, on_epoch_end):
     return interrupted, (train_images, train_time)
 
 
-def _evaluate_epoch(run, epoch, sums, seen_here, epoch_time):
-    """Recalibrate BatchNorm (if asked), evaluate, print and record the epoch."""
+def _evaluate_epoch(run, epoch, sums, seen_here, epoch_time, stop):
+    """Recalibrate BatchNorm (if asked), evaluate, print and record the epoch; None (nothing
+    recorded) when SIGINT / SIGTERM stopped it."""
     args, dist_ctx, parts = run.args, run.dist, run.parts
     device = dist_ctx.device
     loss_sum, correct, seen = dist_ctx.sum(sums)
     evaluated = parts.ema.module if parts.ema is not None else parts.model
+    run.say(f"evaluating epoch {epoch + 1}/{args.epochs} on {len(run.data.val)} images", flush=True)
+    if dist_ctx.any(stop.signum):
+        return None
     if run.calibrate:
         run.samplers["calibration"].set_epoch(epoch)
         run.loaders["calibration"].generator.manual_seed(args.seed * 1_000_003 + epoch * 1009 + dist_ctx.rank + 1)
-        calibrate_batch_norm(evaluated, run.loaders["calibration"], run.calibrate, device, args)
-    val_loss, top1, top5 = evaluate(evaluated, run.loaders["val"], device, args, dist_ctx, run.num_classes)
+        if not calibrate_batch_norm(evaluated, run.loaders["calibration"], run.calibrate, device, args, stop,
+                                    dist_ctx):
+            return None
+    result = evaluate(evaluated, run.loaders["val"], device, args, dist_ctx, run.num_classes, stop)
+    if result is None:
+        return None
+    val_loss, top1, top5 = result
     record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
               "val_loss": val_loss, "val_top1": top1, "val_top5": top5,
               "lr": parts.optimizer.param_groups[0]["lr"],
-              "images_per_s": seen_here * dist_ctx.world / epoch_time, "epoch_s": epoch_time,
+              "images_per_s": seen_here * dist_ctx.world / max(epoch_time, 1e-9), "epoch_s": epoch_time,
               "ema": parts.ema is not None}
     run.history.append(record)
     k = min(5, run.num_classes)

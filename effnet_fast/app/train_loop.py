@@ -92,24 +92,41 @@ def autocast_for(device, args):
     return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
 
 
+def _until_stopped(batches, stop, dist_ctx):
+    """`batches`, cut short (after at least one) once a process got SIGINT / SIGTERM. The
+    processes agree after every batch, so all stop at the same one (synchronised
+    BatchNorm would wait forever for a process that stopped)."""
+    for batch in batches:
+        yield batch
+        if dist_ctx.any(stop.signum):
+            return
+
+
 @torch.no_grad()
-def calibrate_batch_norm(model, loader, batches, device, args):
+def calibrate_batch_norm(model, loader, batches, device, args, stop, dist_ctx):
     """Running statistics of every BatchNorm recomputed as the plain average over
     `batches` training batches (train-mode forward, no gradients): after a short epoch
-    the exponential averages still remember the weights of many steps ago."""
+    the exponential averages still remember the weights of many steps ago. Returns
+    False when SIGINT / SIGTERM (`stop`) cut it short."""
     if batches == 0:
-        return
+        return True
+    inputs = _until_stopped((x for _, (x, _) in zip(range(batches), loader)), stop, dist_ctx)
     with autocast_for(device, args):
-        recompute_bn_statistics(model, (to_device(x, device, args) for _, (x, _) in zip(range(batches), loader)))
+        recompute_bn_statistics(model, (to_device(x, device, args) for x in inputs))
+    return not dist_ctx.any(stop.signum)
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, args, dist_ctx, num_classes):
-    """(loss, top-1, top-k) over the validation set, reduced across processes."""
+def evaluate(model, loader, device, args, dist_ctx, num_classes, stop):
+    """(loss, top-1, top-k) over the validation set, reduced across processes; None when a
+    process got SIGINT / SIGTERM (`stop`) before the end. The processes may hold one
+    batch more or less of the set, so each checks its own flag and they agree at the end."""
     model.eval()
     k = min(5, num_classes)
     sums = [0.0, 0.0, 0.0, 0.0]  # loss, top-1, top-k, count
     for x, y in loader:
+        if stop.signum:
+            break
         x, y = to_device(x, device, args), y.to(device, non_blocking=True)
         with autocast_for(device, args):
             logits = model(x)
@@ -119,8 +136,8 @@ def evaluate(model, loader, device, args, dist_ctx, num_classes):
         sums[1] += (top[:, 0] == y).sum().item()
         sums[2] += (top == y[:, None]).any(1).sum().item()
         sums[3] += len(y)
-    loss, top1, topk, n = dist_ctx.sum(sums)
-    return loss / n, top1 / n, topk / n
+    loss, top1, topk, n, stopped = dist_ctx.sum([*sums, float(bool(stop.signum))])
+    return None if stopped else (loss / n, top1 / n, topk / n)
 
 
 @dataclass
