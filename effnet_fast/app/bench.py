@@ -1,6 +1,7 @@
 """`effnet-fast bench`: the eval forward and training step of the reference and fused
 models, timed in turns (effnet_fast.app.benchmark.bench_models)."""
 import functools
+import math
 import sys
 
 import torch
@@ -33,10 +34,29 @@ def add_command(sub):
     return p
 
 
+# The network downsamples by 32. Smaller inputs leave 1x1 maps in several stages, whose BatchNorm
+# statistics over random images are near zero: the fused and reference outputs then differ by
+# rounding amplified many times, and the comparison before timing fails.
+MIN_SIZE = 32
+# A training step's BatchNorm normalises each channel of the last stage over batch x ceil(size / 32)^2
+# values: one is an error, two or three too few for the fused and reference losses to agree.
+MIN_LAST_STAGE_VALUES = 4
+
+
 def check_args(parser, args):
     if not args.fused:
         parser.error("--fused off: bench compares the fused model with the reference; pick a backend or auto")
     check_fused_on_device(parser, args.fused, args.device)
+    size = args.size or VARIANTS[args.version].resolution
+    if size < MIN_SIZE:
+        parser.error(f"--size {size}: bench needs at least {MIN_SIZE} (the network downsamples by 32; smaller "
+                     "inputs leave 1x1 maps in several stages, whose statistics make the comparison of the fused "
+                     "and reference outputs meaningless)")
+    values = args.batch * math.ceil(size / 32) ** 2
+    if not args.no_train and values < MIN_LAST_STAGE_VALUES:
+        parser.error(f"--batch {args.batch}: at --size {size} the training step needs at least "
+                     f"{MIN_LAST_STAGE_VALUES} values per channel in the last stage's BatchNorm (batch x "
+                     f"ceil(size / 32)^2 = {values}); raise --batch or --size, or pass --no-train")
 
 
 def run_command(args, _inputs=None):

@@ -11,7 +11,10 @@ written beside the old one, flushed to disk, then renamed over it, so an interru
 a crash during a save leaves the previous file intact and never a truncated one."""
 import contextlib
 import os
+import pickle
+import struct
 import tempfile
+import zipfile
 
 import torch
 
@@ -29,6 +32,8 @@ def check_writable(path):
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise IsADirectoryError(f"cannot save to {path!r}: it is a directory")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(f"cannot save to {path!r}: {directory!r} is a file, not a directory")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"cannot save to {path!r}: directory {directory!r} does not exist")
     if not os.access(directory, os.W_OK | os.X_OK):
@@ -74,9 +79,40 @@ def save_atomic(obj, path):
     _fsync_directory(directory)
 
 
+# What torch.load(weights_only=True) raises on a file that is not tensors it may read: a
+# refused class or garbage (UnpicklingError), an empty or truncated file (EOFError), a broken
+# archive (RuntimeError, BadZipFile), other bytes in its legacy reader (KeyError, IndexError,
+# struct.error, UnicodeDecodeError).
+UNREADABLE = (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, KeyError, IndexError,
+              struct.error, UnicodeDecodeError)
+
+
+def load_tensors(path):
+    """torch.load(path, weights_only=True) onto the CPU; a file it cannot read raises
+    ValueError("not a checkpoint or state dict of tensors: ...") in one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except UNREADABLE as exc:
+        raise ValueError(f"not a checkpoint or state dict of tensors: {_why(exc)}") from None
+
+
+def _why(exc):
+    """The gist of torch.load's error: its unpickler's reason, without the advice around it."""
+    text = str(exc).split("WeightsUnpickler error:", 1)[-1]
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    line = line.split(" Please use ", 1)[0]
+    return f"{type(exc).__name__}: {line}" if line else f"{type(exc).__name__} (empty or truncated file?)"
+
+
+def output_paths(out):
+    """(metrics log, plot) of a run whose checkpoint is `out`."""
+    stem = os.path.splitext(out)[0]
+    return f"{stem}.metrics.jsonl", f"{stem}.png"
+
+
 def read_checkpoint(path):
     """A training checkpoint written by `train` (tensors and plain types only)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_tensors(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError("not a training checkpoint of effnet-fast train (a bare state dict can start a run with "
                          "--init)")
@@ -94,7 +130,7 @@ def init_state_dict(path, version, num_classes, layout="auto"):
     """Weights from `path` (ours, torchvision's or timm's; a training checkpoint or a
     state dict) as our state dict for EfficientNet(version, num_classes); the
     classifier is left out (a new one is trained) when the class count differs."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_tensors(path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
@@ -159,7 +195,7 @@ def check_variant(state, layout, version):
 def load_model(path, version=None, fused=False, use_ema=True):
     """(model in eval mode, info) from a training checkpoint or a bare state dict.
     info: version, num_classes, classes, size, mean, std, crop_fraction, ema."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = load_tensors(path)
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: not a checkpoint nor a state dict")
     if "state_dict" in obj and isinstance(obj["state_dict"], dict):

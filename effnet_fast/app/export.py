@@ -68,7 +68,13 @@ def run_pt2(path, x):
 def export(weights, fmt, out, batch=2, size=None, dynamic_batch=True, atol=1e-4, rtol=1e-3):
     """Export the model of `weights` to `out`, verified; returns a dict with the
     runtime that checked it and the largest difference from the model's output."""
-    model, info = load_model(weights, fused=False)  # the reference path, always
+    return export_loaded(load_model(weights, fused=False), fmt, out, batch, size, dynamic_batch, atol, rtol)
+
+
+def export_loaded(loaded, fmt, out, batch=2, size=None, dynamic_batch=True, atol=1e-4, rtol=1e-3):
+    """export() of the (model, info) pair load_model(..., fused=False) returned: the
+    reference path, always."""
+    model, info = loaded
     model.eval()
     size = size or info["size"]
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -122,9 +128,13 @@ def add_command(sub):
 
 
 def check_args(parser, args):
-    """Post-parse validation (parser.error: exit code 2)."""
+    """Post-parse validation (parser.error: exit code 2); returns the loaded (model, info)."""
     if not os.path.isfile(args.weights):
         parser.error(f"--weights {args.weights}: no such file")
+    try:
+        loaded = load_model(args.weights, fused=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        parser.error(f"--weights {args.weights}: {exc}")
     try:
         check_writable(args.out)
     except OSError as exc:
@@ -135,13 +145,12 @@ def check_args(parser, args):
             import onnxscript  # noqa: F401
         except ImportError as exc:
             parser.error(f"--format onnx needs onnx and onnxscript (pip install onnx onnxscript onnxruntime): {exc}")
+    return loaded
 
 
-def run_command(args, _inputs=None):
+def run_command(args, loaded):
     try:
-        result = export(args.weights, args.format, args.out, size=args.size, dynamic_batch=not args.static_batch)
-    except (ValueError, KeyError) as exc:
-        raise SystemExit(f"effnet-fast export --weights {args.weights}: {exc}") from exc
+        result = export_loaded(loaded, args.format, args.out, size=args.size, dynamic_batch=not args.static_batch)
     except ExportMismatch as exc:
         raise SystemExit(f"effnet-fast export: {exc}") from exc
     print(f"exported {result['version']} ({result['num_classes']} classes{', EMA weights' if result['ema'] else ''}, "

@@ -11,7 +11,7 @@ import torch
 from .args import (FUSED_METAVAR, HelpFormatter, check_fused_on_device, default_device, device_arg, fused_arg,
                    positive_int)
 from .checkpoint import load_model
-from .data import read_image
+from .data import UnreadableImage, read_image
 
 
 def preprocess(paths, info):
@@ -35,13 +35,17 @@ def predict(paths, weights, topk=5, fused=False, device="cpu"):
     return predict_with(load_model(weights, fused=fused), paths, topk, device)
 
 
-@torch.no_grad()
 def predict_with(loaded, paths, topk=5, device="cpu"):
     """predict() with a (model, info) pair load_model returned."""
+    return top_classes(loaded, preprocess(paths, loaded[1]), paths, topk, device)
+
+
+@torch.no_grad()
+def top_classes(loaded, batch, paths, topk=5, device="cpu"):
+    """predict_with() of a batch preprocess() made of the images at `paths`."""
     model, info = loaded
     model.to(device)
-    x = preprocess(paths, info).to(device)
-    probs = model(x).float().softmax(1)
+    probs = model(batch.to(device)).float().softmax(1)
     k = min(topk, info["num_classes"])
     values, indices = probs.topk(k, dim=1)
     return [(path, [(info["classes"][i], p) for i, p in zip(idx.tolist(), val.tolist())])
@@ -65,7 +69,8 @@ def add_command(sub):
 
 
 def check_args(parser, args):
-    """Post-parse validation (parser.error: exit code 2); returns the loaded (model, info)."""
+    """Post-parse validation (parser.error: exit code 2); returns the loaded (model, info)
+    and the images as a batch."""
     check_fused_on_device(parser, args.fused, args.device)
     missing = [path for path in args.images if not os.path.isfile(path)]
     if missing:
@@ -73,13 +78,18 @@ def check_args(parser, args):
     if not os.path.isfile(args.weights):
         parser.error(f"--weights {args.weights}: no such file")
     try:
-        return load_model(args.weights, fused=args.fused)
+        loaded = load_model(args.weights, fused=args.fused)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         parser.error(f"--weights {args.weights}: {exc}")
+    try:
+        return loaded, preprocess(args.images, loaded[1])
+    except UnreadableImage as exc:
+        parser.error(f"IMAGE {exc}")
 
 
-def run_command(args, loaded):
-    results = predict_with(loaded, args.images, args.topk, args.device)
+def run_command(args, inputs):
+    loaded, batch = inputs
+    results = top_classes(loaded, batch, args.images, args.topk, args.device)
     for path, top in results:
         print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
     return results

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .args import FUSED_NAMES, describe_backend
-from .checkpoint import check_writable, save_atomic, training_checkpoint
-from .data import EpochSampler, make_loader
+from .checkpoint import check_writable, output_paths, save_atomic, training_checkpoint
+from .data import EpochSampler, UnreadableImage, make_loader
 from .runtime import Distributed, Progress, StopRequest, rng_state, set_rng_state
 from .train_config import DEFAULT_OUT, OPTION_NAMES, add_parser, load_inputs, parse_train_args, plain_args
 from .train_loop import (AMP_DTYPES, Ema, TrainParts, calibrate_batch_norm, evaluate, lr_factor, make_model,
@@ -43,9 +43,19 @@ def run_command(args, inputs):
         check_writable(args.out)
     except OSError as exc:
         raise SystemExit(f"effnet-fast train --out: {exc}") from exc
-    result = train(args, inputs)
+    try:
+        result = train(args, inputs)
+    except UnreadableImage as exc:  # its header was read when the data was loaded, its data is broken (truncated)
+        raise SystemExit(f"effnet-fast train --data: {_one_line(exc)}") from exc
     if result.get("interrupted"):
         raise SystemExit(128 + result["interrupted"])
+
+
+def _one_line(exc):
+    """The message of `exc`; raised in a DataLoader worker, it carries the worker's traceback
+    and ends with "module.Class: message"."""
+    lines = str(exc).strip().splitlines()
+    return lines[-1].split(": ", 1)[-1] if len(lines) > 1 else str(exc)
 
 
 def train_digits(version="b0", fused=False, epochs=6, batch_size=64, size=32, lr=None, out=None, seed=0,
@@ -398,7 +408,3 @@ def plot_history(history, path):
     os.replace(tmp, path)
     return None
 
-
-def output_paths(out):
-    stem = os.path.splitext(out)[0]
-    return f"{stem}.metrics.jsonl", f"{stem}.png"

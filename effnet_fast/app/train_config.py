@@ -12,7 +12,7 @@ import torch
 from ..efficientnet import VARIANTS
 from .args import (FUSED_METAVAR, HelpFormatter, check_fused_on_device, default_device, device_arg, float_in,
                    fused_arg, non_negative_int, positive_int)
-from .checkpoint import init_state_dict, read_checkpoint
+from .checkpoint import check_writable, init_state_dict, output_paths, read_checkpoint
 from .data import DATASETS, DataError, load_data, resolve_dataset
 from .runtime import world_size
 from .train_loop import AMP_DTYPES
@@ -172,6 +172,10 @@ def load_inputs(args, fail=_raise):
             resume_state = read_checkpoint(args.resume)
         except (OSError, ValueError, RuntimeError) as exc:
             fail(f"--resume {args.resume}: {exc}")
+        saved_opt = resume_state.get("args", {}).get("opt")
+        if saved_opt and saved_opt != args.opt:
+            fail(f"--opt {args.opt}: the --resume {args.resume} checkpoint was trained with --opt {saved_opt}, "
+                 f"whose state another optimiser cannot continue; pass --opt {saved_opt}")
         model = resume_state["model"]
         if model["version"] != args.version or model["num_classes"] != num_classes:
             fail(f"--resume {args.resume}: holds a {model['version']} model with {model['num_classes']} "
@@ -193,12 +197,28 @@ def check_args(parser, args):
     check_fused_on_device(parser, args.fused, device)
     if args.init and args.resume:
         parser.error("--init and --resume together: the --resume checkpoint already holds the weights")
+    if args.batch < 2:
+        parser.error(f"--batch {args.batch}: training needs at least 2 images per batch (BatchNorm normalises "
+                     "each channel over the batch, and the last stages' maps are 1x1 at small sizes)")
+    check_outputs(parser, args.out)
     resolve_defaults(args)
     inputs = load_inputs(args, parser.error)
     if args.sync_bn and not args.fused and device.type == "cpu":
         parser.error("--sync-bn on the CPU needs the fused layers (--fused auto or cpu): the reference "
                      "layers' nn.SyncBatchNorm runs on CUDA tensors only")
     return inputs
+
+
+def check_outputs(parser, out):
+    """parser.error unless the checkpoint, metrics log and plot can be written (a missing
+    default folder is made when the run starts)."""
+    if not out or (out == DEFAULT_OUT and not os.path.exists(os.path.dirname(DEFAULT_OUT))):
+        return
+    for path in (out, *output_paths(out)):
+        try:
+            check_writable(path)
+        except OSError as exc:
+            parser.error(f"--out {out}: {exc}")
 
 
 def parse_train_args(argv):
