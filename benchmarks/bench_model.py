@@ -4,12 +4,13 @@ output is checked against eager PyTorch before timing.
 
 Eval rows (on copies of one model whose BN statistics are calibrated as in a trained
 model; see effnet_fast.app.benchmark.calibrate_bn): eager NCHW and channels_last, fused
-channels_last (BN folded), and optionally torch.compile (default and with freezing),
+channels_last (the fused ops, from the current parameters), the frozen model
+(effnet_fast.freeze: BN folded once), and optionally torch.compile (default and with freezing),
 ONNX Runtime and OpenVINO on the exported reference model. Training rows (SGD step,
 cross-entropy, separate copies): eager NCHW and channels_last, fused, torch.compile.
 
   python benchmarks/bench_model.py [--version b0] [--batch 16] [--size N] [--compile] [--onnx] [--peers]
-  python benchmarks/bench_model.py --profile          (where the fused eval forward spends its time)
+  python benchmarks/bench_model.py --profile          (where the frozen model's forward spends its time)
 """
 import argparse
 import copy
@@ -19,7 +20,7 @@ import tempfile
 
 import torch
 
-from effnet_fast import EfficientNet
+from effnet_fast import EfficientNet, freeze
 from effnet_fast.app.benchmark import calibrate_bn, eval_forward, median, times_in_turns, train_step
 
 
@@ -119,9 +120,13 @@ def eval_candidates(args, base, x_nchw, x_cl):
     """[(label, fn)] for the eval rows; each fn runs one no-grad forward."""
     rows = [("eager NCHW", variant(base, False, False), x_nchw),
             ("eager channels_last", variant(base, False, True), x_cl),
-            (f"fused={args.fused} channels_last", variant(base, args.fused, True), x_cl)]
+            (f"fused={args.fused} channels_last", variant(base, args.fused, True), x_cl),
+            ("frozen channels_last", freeze(variant(base, args.fused, True)), x_cl)]
     if args.peers:
-        rows += [(label, m, x_cl) for label, m in peer_models(base)]
+        for label, m in peer_models(base):
+            rows.append((label, m, x_cl))
+            if label.endswith("patched"):
+                rows.append((label.replace("patched", "frozen"), freeze(m), x_cl))
     out = [(label, (lambda m=m, x=x: eval_forward(m, x))) for label, m, x in rows]
     if args.compile:
         for label, freezing in (("torch.compile", False), ("torch.compile, freezing", True)):
@@ -183,7 +188,7 @@ def main(argv=None):
     x_cl = x_nchw.to(memory_format=torch.channels_last)
     calibrate_bn(base, x_nchw)
     if args.profile:
-        return profile_eval(variant(base, args.fused, True), x_cl)
+        return profile_eval(freeze(variant(base, args.fused, True)), x_cl)
     print(f"{args.version}, batch {args.batch}, {size}x{size}, float32, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, median of {args.repeats} in turns")
 
@@ -218,7 +223,7 @@ def main(argv=None):
 
 
 def profile_eval(model, x):
-    """Where the fused model's eval forward spends its time (channels_last), by op."""
+    """Where the frozen model's forward spends its time (channels_last), by op."""
     eval_forward(model, x)
     with torch.profiler.profile() as prof:
         eval_forward(model, x)

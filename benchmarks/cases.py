@@ -11,8 +11,9 @@ that runs on the device ("cpu" on a CPU; "triton" and "cuda" on a GPU), and "com
 
 Modes: "eval" is one no-grad forward with running statistics, "train" one forward +
 backward with batch statistics (the model: one SGD step). The fused eval rows of the
-single ops call the fused op itself: on a CPU the fused layers run BN-folded oneDNN
-convolutions in eval mode instead (effnet_fast.nn.folded), which the model rows include.
+single ops call the fused op; the model's fused eval rows time the frozen model
+(effnet_fast.freeze: every BatchNorm folded into oneDNN convolutions on a CPU), what a
+user serves for inference.
 """
 import functools
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effnet_fast import freeze
 from effnet_fast.app.benchmark import calibrate_bn, eval_forward, train_step
 from effnet_fast.ops.backends import backends_for
 
@@ -208,24 +210,6 @@ class FusedSEProject(SEProject):
         return self.se.forward_project(x, self.conv)
 
 
-class DWConvKernel(nn.Module):
-    """A FusedDWConvBNSiLU whose eval forward calls the fused op (the layer itself would
-    run the BN-folded oneDNN conv on a CPU)."""
-
-    def __init__(self, layer, backend):
-        super().__init__()
-        self.layer, self.backend = layer, backend
-
-    def forward(self, x):
-        from effnet_fast.ops import dwconv_bn_silu_fn
-        layer = self.layer
-        if layer.training:
-            return layer(x)
-        bn = layer.bn
-        return dwconv_bn_silu_fn(x, layer.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, False,
-                                 bn.eps, layer.conv.stride[0], self.backend)[0]
-
-
 def _layer_pair(case):
     """(eager module, module for case.impl) with the same weights, and the input size."""
     from effnet_fast.nn import (DWConvBNSiLU, FusedDWConvBNSiLU, FusedSqueezeExcitation,
@@ -235,7 +219,7 @@ def _layer_pair(case):
     if op == "dwconv_bn_silu":
         c, h, k, s = shape
         eager = DWConvBNSiLU(c, k, s)
-        fused = (lambda: DWConvKernel(FusedDWConvBNSiLU(c, k, s, backend=backend), backend))
+        fused = (lambda: FusedDWConvBNSiLU(c, k, s, backend=backend))
     elif op == "squeeze_excite":
         c, cr, h = shape
         eager = SqueezeExcitation(c, cr)
@@ -287,7 +271,7 @@ def build_layer(case):
         torch._dynamo.reset()  # each shape compiles afresh, never hitting the recompile limit
         impl_module = torch.compile(eager, dynamic=False)
     elif impl_module is not eager:
-        getattr(impl_module, "layer", impl_module).load_state_dict(eager.state_dict())
+        impl_module.load_state_dict(eager.state_dict())
         impl_module = impl_module.to(device=device, dtype=dtype, memory_format=fmt)
     train = case.mode == "train"
     for m in (eager, impl_module):
@@ -360,6 +344,8 @@ def build_model(case):
             torch._dynamo.reset()
             run_model = torch.compile(model, dynamic=False)
         if case.mode == "eval":
+            if impl not in ("eager", "compile"):
+                model = freeze(model, impl)
             fn = (lambda: eval_forward(model, x, run_model))
             return Bench(fn, lambda: [fn()], None)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

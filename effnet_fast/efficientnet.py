@@ -4,7 +4,6 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .nn import folded
 from .nn.layers import (ConvBNAct, DWConvBNSiLU, FusedConvBNAct, FusedDWConvBNSiLU, FusedSqueezeExcitation,
                         MBConv, SqueezeExcitation)
 from .ops.backends import check_fused_setting
@@ -173,8 +172,6 @@ class EfficientNet(nn.Module):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"EfficientNet expects {self.in_channels} input channels, got {x.shape[1]} "
                              f"(input shape {tuple(x.shape)})")
-        if self.fused and folded.applies(self, x):
-            return folded.run_in_chunks(self, [self.stem, *self.blocks, self.head], x)
         return self.head(self.blocks(self.stem(x)))
 
     def forward(self, x):

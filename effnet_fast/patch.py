@@ -9,19 +9,26 @@ FusedSqueezeExcitation and the folded eval path) through small "views": fused-la
 instances, not registered in the model, whose `conv`, `bn`, `fc1`, `fc2` are the original
 submodules. A part the fused ops cannot compute exactly runs the original modules, and the
 report says which and why. Stochastic depth and drop_path are the original modules.
+
+An adapter reads its block's current children: when one was replaced after patching
+(model surgery) or the skip connection switched, its views are rebuilt from what is
+there now, and parts that no longer fuse run the new modules. A block whose inner modules
+carry hooks (or while global module hooks exist) runs its original forward, so the hooks
+fire and see what they see unpatched. `effnet_fast.freeze` folds a patched model's
+BatchNorms for inference.
 """
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from .nn import folded
 from .nn.batch_norm import bn_silu
-from .nn.layers import FusedConvBNAct, FusedDWConvBNSiLU, FusedSqueezeExcitation
+from .nn.layers import FusedConvBNAct, FusedDWConvBNSiLU, FusedSqueezeExcitation, has_hooks, inner_modules
 from .ops.backends import check_fused_setting
 from .ops.dwconv_bn_silu import KERNEL_SIZES, STRIDES
 
 ORIGINAL = "_patch_original"  # key, in an adapter's __dict__, of the module it replaced
 VIEWS = "_patch_views"        # key of its fused views (kept out of _modules: not in state_dict)
+STRUCTURE = "_patch_structure"  # key of the children (and skip flag) the views were built from
 
 
 @dataclass
@@ -76,35 +83,32 @@ def _patch_children(parent, prefix, backend, report):
 
 def _adapt(module, path, backend, report):
     """The adapter for `module`, or None when it is not a layer this module handles."""
-    kind = _kind(module)
-    if kind == "torchvision_mbconv":
-        return _block_adapter(module, _torchvision_parts(module), path, backend, report)
+    kind = kind_of(module)
     if kind in ("timm_inverted_residual", "timm_depthwise_separable"):
         problem = _timm_block_problem(module)
         if problem:
             report.left_alone.append((path, problem))
             return None
-        return _block_adapter(module, _timm_parts(module, kind), path, backend, report)
+    if kind in BLOCK_KINDS:
+        return _adapter(module, PatchedBlock, _block_views(module, kind, path, backend, report), kind, backend)
     if kind == "torchvision_conv_norm_act":
-        conv, bn = module[0], module[1]
-        act = module[2] if len(module) > 2 else None
-        problem = _conv_problem(conv, plain_only=True) or _bn_problem(bn) or _act_problem(act)
-        if problem:
-            report.left_alone.append((path, problem))
+        views = _layer_views(module, path, backend, report)
+        if views is None:
             return None
-        return _adapter(module, PatchedLayer, {"layer": _conv_bn_view(conv, bn, act is not None, backend)})
+        return _adapter(module, PatchedLayer, views, kind, backend)
     if kind == "timm_batch_norm_act":
         problem = _bn_problem(module)
         if problem or not isinstance(module.act, nn.SiLU):
             report.left_alone.append((path, problem or f"activation {type(module.act).__name__}, not SiLU"))
             return None
-        adapter = _adapter(module, PatchedBatchNormAct, {})
-        adapter.__dict__["_patch_backend"] = backend
-        return adapter
+        return _adapter(module, PatchedBatchNormAct, {}, kind, backend)
     return None
 
 
-def _kind(module):
+BLOCK_KINDS = ("torchvision_mbconv", "timm_inverted_residual", "timm_depthwise_separable")
+
+
+def kind_of(module):
     """Which known layer `module` is, by its exact class (a subclass may compute anything)."""
     cls = type(module)
     known = {
@@ -113,6 +117,8 @@ def _kind(module):
         ("timm.models._efficientnet_blocks", "InvertedResidual"): "timm_inverted_residual",
         ("timm.models._efficientnet_blocks", "DepthwiseSeparableConv"): "timm_depthwise_separable",
         ("timm.layers.norm_act", "BatchNormAct2d"): "timm_batch_norm_act",
+        ("torchvision.models.efficientnet", "EfficientNet"): "torchvision_efficientnet",
+        ("timm.models.efficientnet", "EfficientNet"): "timm_efficientnet",
     }
     return known.get((cls.__module__, cls.__name__))
 
@@ -148,8 +154,14 @@ def _conv_problem(conv, plain_only=False, depthwise=False, pointwise=False):
     return None
 
 
+def conv_bn_problem(conv, bn, act):
+    """None when conv + BN (+ act, None or SiLU) is a plain conv, a BatchNorm and SiLU (or
+    nothing), which the fused and frozen layers compute exactly; else the reason."""
+    return _conv_problem(conv, plain_only=True) or _bn_problem(bn) or _act_problem(act)
+
+
 def _bn_problem(bn):
-    if type(bn) is not nn.BatchNorm2d and _kind(bn) != "timm_batch_norm_act":
+    if type(bn) is not nn.BatchNorm2d and kind_of(bn) != "timm_batch_norm_act":
         return f"{type(bn).__name__}, not a BatchNorm2d"
     drop = getattr(bn, "drop", None)  # timm BatchNormAct2d
     if drop is not None and not isinstance(drop, nn.Identity):
@@ -194,6 +206,14 @@ class _Parts:
     drop_path: str
 
 
+def block_parts(block, kind):
+    """The _Parts of a torchvision or timm inverted-residual block (by `kind_of`), as its
+    children are now; None for a timm block with parts the fused layers do not handle."""
+    if kind == "torchvision_mbconv":
+        return _torchvision_parts(block)
+    return None if _timm_block_problem(block) else _timm_parts(block, kind)
+
+
 def _torchvision_parts(block):
     layers = list(block.block)
     expand = layers[0] if len(layers) == 4 else None
@@ -223,12 +243,17 @@ def _timm_parts(block, kind):
         has_skip=block.has_skip, drop_path="drop_path")
 
 
-def _block_adapter(block, parts, path, backend, report):
+def _block_views(block, kind, path, backend, report):
+    """The views of a block: fused layers over its current children where they compute
+    the block exactly, its own modules elsewhere (each recorded in `report`)."""
+    parts = block_parts(block, kind)
+    if parts is None:
+        return None  # a timm block that gained a part the fused layers do not handle
     views = {"expand": parts.expand_reference, "dw": parts.dw_reference, "se": None, "project": None,
-             "tail": parts.tail_reference}
+             "tail": parts.tail_reference, "has_skip": parts.has_skip, "drop_path": parts.drop_path}
     if parts.expand is not None:
         conv, bn, act = parts.expand
-        problem = _conv_problem(conv, plain_only=True) or _bn_problem(bn) or _act_problem(act)
+        problem = conv_bn_problem(conv, bn, act)
         if problem:
             report.left_alone.append((f"{path} expand", problem))
         else:
@@ -240,19 +265,29 @@ def _block_adapter(block, parts, path, backend, report):
         report.left_alone.append((f"{path} depthwise", problem))
     else:
         views["dw"] = _view(FusedDWConvBNSiLU, backend, conv=conv, bn=bn)
-    problem = _se_project_problem(parts)
+    problem = se_project_problem(parts)
     if problem:
         report.left_alone.append((f"{path} squeeze-excitation + projection", problem))
     else:
         fc1, _, fc2, _ = parts.se
         views["se"] = _view(FusedSqueezeExcitation, backend, fc1=fc1, fc2=fc2)
         views["project"] = _conv_bn_view(*parts.project[:2], False, backend)
-    adapter = _adapter(block, PatchedBlock, views)
-    adapter.__dict__["_patch_layout"] = (parts.has_skip, parts.drop_path)
-    return adapter
+    return views
 
 
-def _se_project_problem(parts):
+def _layer_views(layer, path, backend, report):
+    """The view of a torchvision Conv2dNormActivation, or None when it does not fuse."""
+    conv, bn = layer[0], layer[1]
+    act = layer[2] if len(layer) > 2 else None
+    problem = conv_bn_problem(conv, bn, act)
+    if problem:
+        report.left_alone.append((path, problem))
+        return None
+    return {"layer": _conv_bn_view(conv, bn, act is not None, backend)}
+
+
+def se_project_problem(parts):
+    """None when the SE + projection of `parts` fuse into one op; else the reason."""
     if parts.se is None:
         return "not a squeeze-excitation layer the fused ops compute"
     fc1, act, fc2, gate = parts.se
@@ -289,30 +324,54 @@ def _conv_bn_view(conv, bn, act, backend):
 _adapter_classes = {}
 
 
-def _adapter(module, kind, views):
-    """`module` as an instance of a subclass of (kind, type(module)) sharing its attribute
+def _adapter(module, cls, views, kind, backend):
+    """`module` as an instance of a subclass of (cls, type(module)) sharing its attribute
     dictionaries: same children, parameters, buffers and hooks, so the same state_dict."""
-    cls = type(module)
-    key = (kind, cls)
+    key = (cls, type(module))
     if key not in _adapter_classes:
-        _adapter_classes[key] = type(f"Fused{cls.__name__}", (kind, cls), {"__module__": __name__})
+        _adapter_classes[key] = type(f"Fused{type(module).__name__}", key, {"__module__": __name__})
     new = _adapter_classes[key].__new__(_adapter_classes[key])
     new.__dict__.update(module.__dict__)
     new.__dict__[ORIGINAL] = module
     new.__dict__[VIEWS] = views
+    new.__dict__["_patch_kind"], new.__dict__["_patch_backend"] = kind, backend
+    new.__dict__[STRUCTURE] = _structure(new)
     return new
+
+
+def _structure(adapter):
+    """What an adapter's views are built from: its submodules (the objects) and skip flag."""
+    skip = getattr(adapter, "use_res_connect", getattr(adapter, "has_skip", None))
+    return tuple(inner_modules(adapter)), skip
+
+
+def _same_structure(a, b):
+    return a[1] == b[1] and len(a[0]) == len(b[0]) and all(x is y for x, y in zip(a[0], b[0]))
 
 
 class Patched(nn.Module):
     """Base of the adapters `patch` installs."""
 
     def _views(self):
-        """The fused views, in this module's training mode (they are not its children)."""
+        """The fused views of the current children, in this module's training mode (they
+        are not its children); rebuilt when a child was replaced since they were built.
+        None when the module should run its original forward: inner hooks, or no view."""
+        structure = _structure(self)
+        if has_hooks(structure[0]):
+            return None
+        if not _same_structure(structure, self.__dict__[STRUCTURE]):
+            self.__dict__[VIEWS] = self._build_views()
+            self.__dict__[STRUCTURE] = structure
         views = self.__dict__[VIEWS]
+        if views is None:
+            return None
         for view in views.values():
-            if view is not None:
-                view.training = self.training
+            if isinstance(view, nn.Module):
+                view.training = self.training  # the view's own flag only: its children are the model's
         return views
+
+    def _build_views(self):
+        return {}
 
     def _reference_forward(self, x):
         return type(self.__dict__[ORIGINAL]).forward(self, x)
@@ -321,40 +380,45 @@ class Patched(nn.Module):
 class PatchedLayer(Patched):
     """Conv + BN (+ SiLU) as FusedConvBNAct."""
 
+    def _build_views(self):
+        return _layer_views(self, "", self.__dict__["_patch_backend"], PatchReport())
+
     def forward(self, x):
-        if x.numel() == 0:
+        views = self._views() if x.numel() else None
+        if views is None:
             return self._reference_forward(x)
-        return self._views()["layer"](x)
+        return views["layer"](x)
 
 
 class PatchedBatchNormAct(Patched):
     """timm's BatchNormAct2d with SiLU as the fused bn_silu op."""
 
     def forward(self, x):
-        if x.numel() == 0 or x.dim() != 4:
-            return self._reference_forward(x)
+        if x.numel() == 0 or x.dim() != 4 or self._views() is None or _bn_problem(self) \
+                or not isinstance(self.act, nn.SiLU):
+            return self._reference_forward(x)  # an activation or dropout replaced after patching
         return bn_silu(x, self, self.__dict__["_patch_backend"])
 
 
 class PatchedBlock(Patched):
     """An inverted-residual block computed as effnet_fast.nn.MBConv computes it."""
 
+    def _build_views(self):
+        return _block_views(self, self.__dict__["_patch_kind"], "", self.__dict__["_patch_backend"], PatchReport())
+
     def forward(self, x):
-        if x.numel() == 0:
+        views = self._views() if x.numel() else None
+        if views is None:
             return self._reference_forward(x)
-        views = self._views()
-        has_skip, drop_path = self.__dict__["_patch_layout"]
         h = x if views["expand"] is None else views["expand"](x)
         h = views["dw"](h)
         se, project = views["se"], views["project"]
         if se is None:
             out = views["tail"](h)
-        elif folded.applies(self, x) and h.numel():
-            return se.forward_project_folded(h, project, x if has_skip else None)
         else:
             out = project.bn(se.forward_project(h, project.conv))
-        if has_skip:
-            out = getattr(self, drop_path)(out) + x
+        if views["has_skip"]:
+            out = getattr(self, views["drop_path"])(out) + x
         return out
 
 

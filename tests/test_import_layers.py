@@ -17,7 +17,7 @@ LAYERS = (
     ("kernels", ("effnet_fast.kernels",)),
     ("ops", ("effnet_fast.ops",)),
     ("modules", ("effnet_fast.nn",)),
-    ("model library", ("effnet_fast.efficientnet", "effnet_fast.convert", "effnet_fast.patch",
+    ("model library", ("effnet_fast.efficientnet", "effnet_fast.convert", "effnet_fast.patch", "effnet_fast.freeze",
                        "effnet_fast.distributed")),
     ("application", ("effnet_fast.app",)),
     # The package's front door and the deprecated aliases of moved modules: nothing imports them.

@@ -106,7 +106,7 @@ def two_process_step(rank, kind, fused, dtype, device, group=None, wrap=True, ev
 
 
 def evaluate_without_communication(model, x):
-    """Eval-mode outputs after the step, through the ops (a gradient needed) and folded
+    """Eval-mode outputs after the step, through the ops with a gradient needed and without
     (no_grad), with every collective of the BatchNorms made to fail."""
     def refuse(*args):
         raise AssertionError("a BatchNorm communicated in eval mode")
@@ -418,7 +418,7 @@ def test_converted_without_process_group_is_unchanged():
         torch.testing.assert_close(got["grads"][name], want["grads"][name], atol=0, rtol=0)
     for name in want["buffers"]:
         torch.testing.assert_close(got["buffers"][name], want["buffers"][name], atol=0, rtol=0)
-    converted.eval()  # the folded eval path reads the converted BatchNorms' running statistics
+    converted.eval()  # eval reads the converted BatchNorms' running statistics
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(converted(x), model(x), atol=1e-12, rtol=1e-12)

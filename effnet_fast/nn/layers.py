@@ -1,15 +1,34 @@
 """Building blocks of EfficientNet. The Fused* layers have exactly the parameters,
-buffers and state_dict keys of the reference layers they replace."""
+buffers and state_dict keys of the reference layers they replace, and compute from the
+current parameters and statistics on every call (in eval mode too: folding BatchNorm
+into the convs is an explicit step, effnet_fast.freeze). A fused layer whose inner
+modules carry hooks (or while global module hooks are registered) runs those modules
+instead, so that the hooks fire and see what they see in the reference layers."""
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
-from ..ops import dwconv_bn_silu_fn, kernels, resolve_backend, squeeze_excite_fn, squeeze_excite_project_fn
-from ..ops.common import REFERENCE_HINT, as_supported_layout
-from ..ops.dwconv_bn_silu import check_inputs as check_dwconv_inputs
-from ..ops.squeeze_excite import check_inputs as check_se_inputs, se_gate
-from . import folded
-from .batch_norm import affine_or_identity, batch_norm, bn_op_args, bn_silu, record_batch_stats
+from ..ops import dwconv_bn_silu_fn, resolve_backend, squeeze_excite_fn, squeeze_excite_project_fn
+from ..ops.common import REFERENCE_HINT
+from .batch_norm import batch_norm, bn_op_args, bn_silu, record_batch_stats
+
+
+def has_hooks(modules):
+    """True when calling one of `modules` would run a hook: its own forward or backward
+    (pre-)hooks (torch.nn.utils.prune and spectral_norm are forward pre-hooks), a
+    parametrization (weight_norm, orthogonal, ...), or a global module hook."""
+    g = nn.modules.module
+    if (g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
+            or g._global_backward_pre_hooks):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               or parametrize.is_parametrized(m) for m in modules)
+
+
+def inner_modules(module):
+    """The modules below `module` (not itself): the ones a fused layer would not call."""
+    return [m for m in module.modules() if m is not module]
 
 
 class ConvBNAct(nn.Sequential):
@@ -34,8 +53,8 @@ class FusedConvBNAct(ConvBNAct):
         self.backend = backend
 
     def forward(self, x):
-        if folded.applies(self, x) and x.numel():
-            return folded.conv_bn_act(self, x)
+        if has_hooks(inner_modules(self)):
+            return super().forward(x)
         y = self.conv(x)
         return bn_silu(y, self.bn, self.backend) if hasattr(self, "act") else batch_norm(self.bn, y)
 
@@ -64,15 +83,10 @@ class FusedDWConvBNSiLU(DWConvBNSiLU):
         self.backend = backend
 
     def forward(self, x):
-        if x.numel() == 0:
+        if x.numel() == 0 or has_hooks(inner_modules(self)):
             return super().forward(x)  # an empty batch (or plane): exactly as the reference
         check_conv_settings(self, self.conv, stride=self.conv.stride[0], padding=self.conv.kernel_size[0] // 2,
                             groups=self.conv.in_channels, bias=False)
-        if folded.applies(self, x) and folded.onednn_ok(x):
-            # oneDNN's depthwise conv with the BN folded and SiLU as a post-op runs faster
-            # than the fused kernel on this path (docs/PERFORMANCE.md).
-            check_dwconv_inputs(x, self.conv.weight, *affine_or_identity(self.bn, x), self.conv.stride[0])
-            return folded.conv_bn_act(self, x, act=True)
         args = bn_op_args(self.bn, x)
         out, mean, var, count = dwconv_bn_silu_fn(
             x, self.conv.weight, args.weight, args.bias, args.running_mean, args.running_var, args.use_batch_stats,
@@ -118,14 +132,14 @@ class FusedSqueezeExcitation(SqueezeExcitation):
     channel scale as kernels, the two small fully connected layers in torch) on backend
     True/'auto' or a backend name. Input and output (N, C, H, W), NCHW or channels_last.
     `forward_project` adds the block's 1x1 projection conv without storing the gated
-    tensor; `forward_project_folded` is its eval form with the projection BN folded."""
+    tensor."""
 
     def __init__(self, channels, reduced_channels, backend=True):
         super().__init__(channels, reduced_channels)
         self.backend = backend
 
     def forward(self, x):
-        if x.numel() == 0:
+        if x.numel() == 0 or has_hooks(inner_modules(self)):
             return super().forward(x)
         self._check_fc_settings()
         return squeeze_excite_fn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
@@ -139,17 +153,6 @@ class FusedSqueezeExcitation(SqueezeExcitation):
         check_conv_settings(self, conv, stride=1, padding=0, groups=1, bias=False)
         return squeeze_excite_project_fn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                                          conv.weight, resolve_backend(self.backend, x.device))
-
-    def forward_project_folded(self, x, project, residual):
-        """project(self(x)) (+ residual) in eval mode, the projection BN folded and the gate
-        folded into the projection weights (effnet_fast.nn.folded.se_project)."""
-        self._check_fc_settings()
-        check_conv_settings(self, project.conv, stride=1, padding=0, groups=1, bias=False)
-        w1, b1, w2, b2 = self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
-        check_se_inputs(x, w1, b1, w2, b2)
-        k = kernels(resolve_backend(self.backend, x.device))
-        x = as_supported_layout(x)
-        return folded.se_project(x, se_gate(k.se_pool(x), w1, b1, w2, b2), project, residual, k.se_scale)
 
     def _check_fc_settings(self):
         for fc in (self.fc1, self.fc2):
@@ -183,7 +186,7 @@ class MBConv(nn.Module):
     squeeze-excitation, 1x1 project (+ BN), and stochastic depth + the identity when the
     shape is kept. (N, C_in, H, W) -> (N, C_out, H / stride, W / stride). set_fused swaps
     its layers for their Fused* versions; forward then runs SE and the projection as one
-    op (or folded, in eval)."""
+    op."""
 
     def __init__(self, in_channels, out_channels, expand_ratio, kernel_size, stride, drop_prob,
                  se_ratio=0.25, bn_eps=1e-5, bn_momentum=0.1):
@@ -199,9 +202,8 @@ class MBConv(nn.Module):
 
     def forward(self, x):
         out = self.dw(x if self.expand is None else self.expand(x))
-        if isinstance(self.se, FusedSqueezeExcitation) and folded.applies(self, x) and out.numel():
-            return self.se.forward_project_folded(out, self.project, x if self.use_residual else None)
-        if isinstance(self.se, FusedSqueezeExcitation):
+        if isinstance(self.se, FusedSqueezeExcitation) and not has_hooks(self.se.modules()) \
+                and not has_hooks(self.project.modules()):
             out = batch_norm(self.project.bn, self.se.forward_project(out, self.project.conv))
         else:
             out = self.project(self.se(out))

@@ -1,15 +1,15 @@
-"""The eval path of the fused model with every BatchNorm folded (effnet_fast.nn.folded):
-same answers as the reference, no stale folded weights, nothing in state_dict, and the
-training path back exactly when the model is switched to train()."""
+"""The frozen inference model (effnet_fast.freeze, every BatchNorm folded into its conv):
+the reference's answers, its own copies of the weights, eval only; and the fused model's
+eval mode, which computes from the current parameters on every call."""
 import copy
 import pickle
 
 import pytest
 import torch
 
-from effnet_fast import EfficientNet
+from effnet_fast import EfficientNet, freeze
 from effnet_fast.app.benchmark import calibrate_bn
-from effnet_fast.nn import folded
+from effnet_fast.nn import frozen as folded
 from effnet_fast.ops.backends import backend_built
 
 from test_model import randomize
@@ -43,34 +43,36 @@ def close(actual, expected, msg=""):
     torch.testing.assert_close(actual, expected, atol=atol, rtol=1e-3, msg=lambda m: f"{msg}{m}")
 
 
-def runs_folded(model, x):
-    """True when the model's eval forward takes the folded path (the fold cache fills)."""
-    folded._cache.clear()
-    with torch.no_grad():
-        model(x)
-    return any(m in folded._cache for m in model.modules())
+def frozen_of(model):
+    """freeze(model), checked to be a frozen classifier with every BatchNorm folded."""
+    out = freeze(model)
+    assert isinstance(out, folded.FrozenClassifier) and not out.kept, out.extra_repr()
+    return out
 
 
 @pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
 @pytest.mark.parametrize("version", ["b0", pytest.param("b3", marks=pytest.mark.slow),
                                      pytest.param("b7", marks=pytest.mark.slow)])
-def test_folded_eval_matches_reference(version, channels_last):
+def test_frozen_matches_reference(version, channels_last):
     ref, fused = pair(version, channels_last=channels_last)
     x = image(channels_last=channels_last)
-    assert runs_folded(fused, x)
-    with torch.no_grad():
-        close(fused(x), ref(x))
-    with torch.inference_mode():
-        close(fused(x), ref(x))
+    for model in (ref, fused):
+        fast = frozen_of(model)
+        with torch.no_grad():
+            close(fast(x), ref(x))
+            close(fused(x), ref(x))
+        with torch.inference_mode():
+            close(fast(x), ref(x))
+            close(fused(x), ref(x))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("version", ["b1", "b2", "b4", "b5", "b6"])
-def test_folded_eval_matches_reference_every_variant(version):
+def test_frozen_matches_reference_every_variant(version):
     ref, fused = pair(version)
     x = image(size=48)
     with torch.no_grad():
-        close(fused(x), ref(x))
+        close(frozen_of(fused)(x), ref(x))
 
 
 @pytest.mark.parametrize("pixels", [0, 1 << 30], ids=["gate_in_weights", "scale_then_conv"])
@@ -80,24 +82,27 @@ def test_both_projection_paths(monkeypatch, pixels):
         ref, fused = pair(channels_last=channels_last)
         x = image(channels_last=channels_last)
         with torch.no_grad():
-            close(fused(x), ref(x), f"channels_last={channels_last}: ")
+            close(frozen_of(fused)(x), ref(x), f"channels_last={channels_last}: ")
 
 
 def test_batch_chunks_give_the_same_answer(monkeypatch):
     ref, fused = pair()
     x = image(n=5)
     monkeypatch.setattr(folded, "CHUNK_BYTES", 1)  # every stage one sample at a time
+    fast = frozen_of(fused)
     with torch.no_grad():
-        plan = folded._chunk_plan([fused.stem, *fused.blocks, fused.head], x)
+        plan = folded._chunk_plan(list(fast.stages), x)
         assert {chunks for chunks, _ in plan} == {5}
-        close(fused(x), ref(x))
+        close(fast(x), ref(x))
 
 
 def test_parameter_changed_in_place_is_seen(monkeypatch):
+    """The fused model computes from the current parameters; a frozen copy keeps its own."""
     ref, fused = pair()
     x = image()
     with torch.no_grad():
-        fused(x)  # fills the cache
+        fast = frozen_of(fused)
+        before = fast(x)
         for model in (ref, fused):
             model.stem.conv.weight.mul_(1.5)
             model.blocks[1][0].expand.bn.running_var.mul_(2.0)
@@ -108,9 +113,10 @@ def test_parameter_changed_in_place_is_seen(monkeypatch):
         fused.load_state_dict(randomize(copy.deepcopy(ref), seed=5).state_dict())
         ref.load_state_dict(fused.state_dict())
         close(fused(x), ref(x), "after load_state_dict: ")
+        assert torch.equal(fast(x), before), "the frozen model changed with the model it was frozen from"
 
 
-def test_folded_weights_are_not_state():
+def test_eval_adds_nothing_to_state():
     ref, fused = pair()
     keys = list(ref.state_dict())
     with torch.no_grad():
@@ -118,6 +124,21 @@ def test_folded_weights_are_not_state():
     assert list(fused.state_dict()) == keys
     copy.deepcopy(fused)
     pickle.loads(pickle.dumps(fused))
+
+
+def test_frozen_state_dict_round_trip(tmp_path):
+    """The documented way to save a frozen model: its state_dict, read with weights_only=True
+    into the frozen form of a model of the same architecture."""
+    ref, fused = pair()
+    x = image()
+    fast = frozen_of(fused)
+    torch.save(fast.state_dict(), tmp_path / "frozen.pt")
+    again = freeze(EfficientNet("b0", num_classes=10))
+    again.load_state_dict(torch.load(tmp_path / "frozen.pt", weights_only=True))
+    with torch.no_grad():
+        close(again(x), ref(x))
+        assert torch.equal(pickle.loads(pickle.dumps(fast))(x), fast(x))
+        assert torch.equal(copy.deepcopy(fast)(x), fast(x))
 
 
 def test_train_eval_switching():
@@ -141,7 +162,7 @@ def test_train_eval_switching():
             close(b, a, f"{name} after step {step}: ")
 
 
-def test_eval_with_gradients_falls_back_to_the_differentiable_path():
+def test_eval_with_gradients():
     ref, fused = pair()
     x = image()
     x_ref, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -163,7 +184,7 @@ def test_compiled_eval_matches_reference():
         close(compiled(x), ref(x))
 
 
-def test_batch_norm_left_in_training_mode_is_not_folded():
+def test_batch_norm_left_in_training_mode():
     ref, fused = pair()
     x = image(n=4)
     for model in (ref, fused):
@@ -173,7 +194,7 @@ def test_batch_norm_left_in_training_mode_is_not_folded():
         close(fused(x), ref(x))
 
 
-def test_batch_norm_without_affine_parameters():
+def test_batch_norm_without_affine_parameters_frozen():
     torch.manual_seed(0)
     ref = EfficientNet("b0", num_classes=10)
     for block in ref.blocks[1]:
@@ -183,9 +204,9 @@ def test_batch_norm_without_affine_parameters():
     ref.eval()
     fused = copy.deepcopy(ref).set_fused("cpu")
     x = image()
-    assert runs_folded(fused, x)
     with torch.no_grad():
         close(fused(x), ref(x))
+        close(frozen_of(fused)(x), ref(x))
 
 
 def test_private_onednn_api_is_there():
@@ -199,9 +220,8 @@ def test_without_onednn(monkeypatch):
     monkeypatch.setattr(folded, "_ONEDNN", False)
     ref, fused = pair()
     x = image()
-    assert runs_folded(fused, x)
     with torch.no_grad():
-        close(fused(x), ref(x))
+        close(frozen_of(fused)(x), ref(x))
 
 
 def test_stage_replaced_after_a_forward_is_used(monkeypatch):

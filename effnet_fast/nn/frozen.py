@@ -1,0 +1,326 @@
+"""The modules of a frozen inference model (effnet_fast.freeze): every BatchNorm folded
+into the convolution before it, once, into weights the frozen model owns.
+
+In eval mode a BatchNorm is a per-channel affine map, so conv + BN is one conv with
+scaled weights and a bias. A frozen model runs:
+  stem, expand, head   conv + bias + SiLU in one pass: oneDNN's fused post-op on the
+                       CPU (the kernel torch.compile's freezing path calls), its weights
+                       reordered once into oneDNN's blocked layout;
+  depthwise            the same, with oneDNN's depthwise conv on the CPU;
+  SE + projection      the gate folded into the projection weights per sample,
+                       conv(x * g[n]) = x[n] @ (W * g[n]), one batched GEMM, with the
+                       projection's folded bias and the residual added to its output, so
+                       the gated tensor is never written.
+
+The folded weights are copies, taken when the model is frozen: nothing a later change of
+the source model does (an optimizer step, load_state_dict, new BatchNorm statistics or
+eps) reaches them. They are buffers of the frozen modules (its state_dict); oneDNN's
+reordered copy of a weight is derived from them on the first call and dropped whenever
+the buffers are replaced (`.to()`, load_state_dict). Frozen modules refuse train() and
+gradients.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.backends import kernels, resolve_backend
+from ..ops.common import as_supported_layout
+from ..ops.squeeze_excite import se_gate
+
+# oneDNN's fused convolutions (the kernels torch.compile's freezing path calls): a
+# private API, so used only when present, with plain torch convolutions otherwise.
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+FROZEN_HINT = ("a frozen model is for inference only (effnet_fast.freeze); train or fine-tune the model it was "
+               "frozen from, then freeze it again")
+
+
+def fold_bn_into_conv(conv_weight, bn, conv_bias=None):
+    """(weight, bias) of the conv equal to bn(conv(x)) in eval mode, for a conv of weight
+    (C_out, C_in / groups, kh, kw) and optional bias (C_out,), and BatchNorm `bn` over
+    C_out channels; in float64 for float64 weights, else float32."""
+    if bn.running_mean is None:
+        raise ValueError(f"{type(bn).__name__}({bn.num_features}) has no running statistics "
+                         "(track_running_stats=False): it normalises with each batch's own statistics, which "
+                         "no fixed conv can do; it cannot be folded")
+    acc = torch.float64 if conv_weight.dtype == torch.float64 else torch.float32
+    scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+    bias = -bn.running_mean.to(acc) * scale
+    if bn.weight is not None:  # affine
+        scale = scale * bn.weight.to(acc)
+        bias = bn.bias.to(acc) + bias * bn.weight.to(acc)
+    if conv_bias is not None:
+        bias = bias + conv_bias.to(acc) * scale
+    return conv_weight.to(acc) * scale.view(-1, *([1] * (conv_weight.dim() - 1))), bias
+
+
+def onednn_ok(x):
+    """True when oneDNN's fused convolutions can run on x."""
+    return _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
+
+
+class FrozenModule(nn.Module):
+    """Base of the frozen modules: always in eval mode, no parameters, no gradients."""
+
+    def __init__(self):
+        super().__init__()
+        self.training = False
+
+    def train(self, mode=True):
+        if mode:
+            raise RuntimeError(f"{type(self).__name__}.train(): {FROZEN_HINT}")
+        return super().train(False)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        for module in self.modules():
+            if isinstance(module, FrozenConv):
+                module._packed = None  # derived from the buffers just replaced
+        return out
+
+
+class FrozenConv(FrozenModule):
+    """conv (+ its BatchNorm, folded) (+ SiLU, or + a residual), eval only.
+
+    Built from an nn.Conv2d (its bias, if any, folded too) and an optional BatchNorm;
+    copies their current values. Input (N, C_in, H, W), NCHW or channels_last."""
+
+    @torch.no_grad()
+    def __init__(self, conv, bn=None, act=False):
+        super().__init__()
+        weight = conv.weight.detach()
+        bias = conv.bias.detach() if conv.bias is not None else None
+        if bn is not None:
+            weight, bias = fold_bn_into_conv(weight, bn, bias)
+        elif bias is None:
+            bias = weight.new_zeros(weight.shape[0])
+        dtype = conv.weight.dtype
+        self.register_buffer("weight", weight.to(dtype).clone())
+        self.register_buffer("bias", bias.to(dtype).clone())
+        self.stride, self.padding, self.dilation = tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation)
+        self.groups, self.kernel_size, self.out_channels = conv.groups, tuple(conv.kernel_size), conv.out_channels
+        self.act, self.folded_bn = act, bn is not None
+        self._packed = None  # oneDNN's reordered weight, made on the first CPU float32 call
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._packed = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_packed"] = None  # an opaque oneDNN tensor: rebuilt after unpickling
+        return state
+
+    def _geometry(self):
+        return list(self.padding), list(self.stride), list(self.dilation), self.groups
+
+    def _onednn_weight(self, x):
+        if self._packed is None:
+            self._packed = torch._C._nn.mkldnn_reorder_conv2d_weight(self.weight.to_mkldnn(), *self._geometry(),
+                                                                     list(x.shape))
+        return self._packed
+
+    def forward(self, x, residual=None):
+        if onednn_ok(x) and self.weight.dtype == x.dtype:
+            weight, geometry = self._onednn_weight(x), self._geometry()
+            if residual is not None:
+                return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, weight, self.bias, *geometry,
+                                                                     "add", 1.0, None, [], None)
+            return torch.ops.mkldnn._convolution_pointwise(x, weight, self.bias, *geometry,
+                                                           "swish" if self.act else "none", [], "")
+        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if residual is not None:
+            return y.add_(residual)
+        return F.silu(y, inplace=True) if self.act else y
+
+    def extra_repr(self):
+        kind = "depthwise conv" if self.groups == self.out_channels and self.groups > 1 else "conv"
+        k = "x".join(map(str, self.kernel_size))
+        return (f"{kind} {k}, {self.out_channels} channels, stride {self.stride[0]}"
+                f"{', BatchNorm folded' if self.folded_bn else ''}{', SiLU' if self.act else ''}")
+
+
+# Below this many pixels per sample, the projection GEMM of one sample is too short to
+# run well on its own: scale the input by the gate and run one convolution instead.
+PER_SAMPLE_GEMM_PIXELS = 2048
+
+
+class FrozenMBConv(FrozenModule):
+    """An inverted-residual block with its BatchNorms folded: [expand] -> depthwise ->
+    squeeze-excitation -> projection (+ the input when the block keeps its shape).
+
+    expand, dw, project: FrozenConv; fc1, fc2: the SE's 1x1 convs (with bias, copied);
+    backend: the fused backend whose se_pool / se_scale kernels run (True: the fastest
+    built one for the input's device, the reference kernels when none is)."""
+
+    def __init__(self, expand, dw, fc1, fc2, project, has_skip, backend=True):
+        super().__init__()
+        self.expand, self.dw, self.project = expand, dw, project
+        for name, fc in (("fc1", fc1), ("fc2", fc2)):
+            self.register_buffer(f"{name}_weight", fc.weight.detach().clone())
+            self.register_buffer(f"{name}_bias", fc.bias.detach().clone())
+        self.has_skip, self.backend = has_skip, backend
+
+    def forward(self, x):
+        h = self.dw(x if self.expand is None else self.expand(x))
+        k = kernels(_backend(self.backend, h.device))
+        h = as_supported_layout(h)
+        gate = se_gate(k.se_pool(h), self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias)
+        return se_project(h, gate, self.project, x if self.has_skip else None, k.se_scale)
+
+    def extra_repr(self):
+        return f"residual={self.has_skip}"
+
+
+def _backend(backend, device):
+    """The backend of `backend` for `device`; with True, the reference kernels when no
+    fused backend is built for it (a named backend that cannot run raises)."""
+    try:
+        return resolve_backend(backend, device)
+    except RuntimeError:
+        if backend is True or backend == "auto":
+            return "reference"
+        raise
+
+
+def se_project(h, gate, project, residual, se_scale):
+    """project(h * gate[:, :, None, None]) (+ residual) for a FrozenConv 1x1 `project`
+    without activation. On large maps the gate goes into per-sample projection weights
+    (one batched GEMM, h * gate never written); on small ones se_scale(h, gate) feeds one
+    convolution."""
+    n, c_mid, height, width = h.shape
+    if height * width < PER_SAMPLE_GEMM_PIXELS:
+        return project(se_scale(h, gate), residual)
+    weight, bias = project.weight.flatten(1), project.bias
+    c_out = weight.shape[0]
+    w_n = (weight.to(gate.dtype).unsqueeze(0) * gate.unsqueeze(1)).to(h.dtype)     # (N, C_out, C_mid)
+    bias = bias.to(h.dtype)
+    if h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous():
+        rows = h.permute(0, 2, 3, 1).reshape(n, height * width, c_mid)  # a view
+        base = bias if residual is None else residual.permute(0, 2, 3, 1).reshape(n, height * width, c_out)
+        out = torch.baddbmm(base, rows, w_n.transpose(1, 2))
+        out = out.view(n, height, width, c_out).permute(0, 3, 1, 2)
+    else:
+        cols = h.reshape(n, c_mid, height * width)
+        base = bias.view(1, c_out, 1) if residual is None else residual.reshape(n, c_out, height * width)
+        out = torch.baddbmm(base, w_n, cols).view(n, c_out, height, width)
+    if residual is not None:
+        out += bias.view(1, c_out, 1, 1)
+    return out
+
+
+class FrozenSequential(FrozenModule):
+    """Frozen (or kept) modules applied in order."""
+
+    def __init__(self, modules):
+        super().__init__()
+        self.layers = nn.ModuleList(modules)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class FrozenClassifier(FrozenModule):
+    """A frozen image classifier: `stages` over chunks of the batch (run_in_chunks), the
+    global average pool, then a copy of the classifier (nn.Linear; dropout is the
+    identity in eval). Input (N, in_channels, H, W), NCHW or channels_last, in the
+    dtype of the weights; output (N, classes) logits.
+
+    `kept` counts the modules that could not be frozen and run as copies of the
+    originals in eval mode (the repr names them)."""
+
+    def __init__(self, stages, classifier, in_channels, source, kept=()):
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.classifier = classifier
+        self.in_channels, self.source, self.kept = in_channels, source, tuple(kept)
+        self._chunk_plans = {}
+
+    def forward(self, x):
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"frozen {self.source} expects a 4-D (N, {self.in_channels}, H, W) input, got shape "
+                             f"{tuple(x.shape)}")
+        dtype = self.classifier.weight.dtype
+        if x.dtype != dtype:
+            raise TypeError(f"frozen {self.source} holds {dtype} weights, got a {x.dtype} input: cast the input "
+                            f"(x.to({dtype})), or freeze a model in {x.dtype}")
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError(f"the input requires grad: {FROZEN_HINT}")
+        with torch.no_grad():
+            features = self._run_in_chunks(as_supported_layout(x))
+            return self.classifier(features.mean((2, 3)))
+
+    def _run_in_chunks(self, x):
+        stages = list(self.stages)
+        key = (tuple(x.shape), x.dtype, x.device, tuple(map(id, stages)))  # a plan is only chunk counts
+        if key not in self._chunk_plans:
+            if len(self._chunk_plans) > 16:
+                self._chunk_plans.clear()
+            self._chunk_plans[key] = _chunk_plan(stages, x)
+        return _run_plan(self._chunk_plans[key], stages, x)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_chunk_plans"] = {}
+        return state
+
+    def extra_repr(self):
+        folded = sum(m.folded_bn for m in self.modules() if isinstance(m, FrozenConv))
+        p = next(iter(self.buffers()), None)
+        where = f", {p.dtype}, {p.device}" if p is not None else ""
+        kept = f", kept as they were: {', '.join(self.kept)}" if self.kept else ""
+        return f"frozen from {self.source}: {folded} BatchNorms folded into their convs{where}{kept}"
+
+
+# Largest activation a chunk of the batch may write: well inside the last-level cache
+# and below glibc's mmap threshold (at most 32 MiB), so that a chunk's intermediates
+# are served from memory the allocator keeps instead of freshly faulted pages (a
+# whole batch-16 B0 forward otherwise takes some 30,000 page faults).
+CHUNK_BYTES = 16 << 20
+
+
+def _peak_bytes(module, height, width, element_size):
+    """(bytes of the largest activation `module` writes per sample, its output H, W)."""
+    peak = 0
+    for conv in (m for m in module.modules() if isinstance(m, (FrozenConv, nn.Conv2d))):
+        height, width = (_conv_out(size, conv, i) for i, size in enumerate((height, width)))
+        peak = max(peak, conv.out_channels * height * width * element_size)
+    return peak, height, width
+
+
+def _conv_out(size, conv, dim):
+    span = conv.dilation[dim] * (conv.kernel_size[dim] - 1) + 1
+    return (size + 2 * conv.padding[dim] - span) // conv.stride[dim] + 1
+
+
+def _chunk_plan(stages, x):
+    """[(number of chunks, number of stages)]: consecutive stages that run on the same
+    batch chunks. Depends on the input's shape and the model's structure alone."""
+    if x.device.type != "cpu":  # a GPU wants the whole batch at once
+        return [(1, len(stages))]
+    n, height, width = x.shape[0], x.shape[2], x.shape[3]
+    plan = []
+    for stage in stages:
+        peak, height, width = _peak_bytes(stage, height, width, x.element_size())
+        chunks = min(n, max(1, -(-n * peak // CHUNK_BYTES)))
+        if plan and plan[-1][0] == chunks:
+            plan[-1][1] += 1
+        else:
+            plan.append([chunks, 1])
+    return [tuple(step) for step in plan]
+
+
+def _run_plan(plan, stages, x):
+    first = 0
+    for chunks, count in plan:
+        group = stages[first:first + count]
+        first += count
+        outs = []
+        for part in x.tensor_split(chunks):
+            for stage in group:
+                part = stage(part)
+            outs.append(part)
+        x = outs[0] if chunks == 1 else torch.cat(outs)
+    return x
