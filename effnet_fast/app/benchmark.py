@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..efficientnet import EfficientNet
+from ..freeze import freeze
 from ..nn.batch_norm import recompute_bn_statistics
 
 
@@ -106,7 +107,8 @@ class BenchRow(NamedTuple):
 def bench_models(version, fused, device, batch, size, channels_last, repeats, train=True):
     """Median times of the reference and fused `version` models, taking turns, with BN
     statistics calibrated first and the outputs (and first training losses) compared
-    before timing; raises AssertionError when they disagree."""
+    before timing; raises AssertionError when they disagree. The eval row times the
+    fused model frozen for inference (effnet_fast.freeze), as a user would serve it."""
     device = torch.device(device)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, size, size, generator=gen).to(device)
@@ -122,10 +124,11 @@ def bench_models(version, fused, device, batch, size, channels_last, repeats, tr
     fused_model.load_state_dict(reference.state_dict())
     models = (reference, fused_model)
 
-    expected, actual = (eval_forward(m, x) for m in models)
+    served = (reference, freeze(fused_model.eval()))
+    expected, actual = (eval_forward(m, x) for m in served)
     torch.testing.assert_close(actual, expected, atol=1e-3, rtol=1e-3,
-                               msg=lambda m: f"the fused model's eval output differs from the reference: {m}")
-    rows = [_row("eval forward", [synchronized(lambda m=m: eval_forward(m, x), device) for m in models], repeats)]
+                               msg=lambda m: f"the frozen fused model's output differs from the reference: {m}")
+    rows = [_row("eval (frozen)", [synchronized(lambda m=m: eval_forward(m, x), device) for m in served], repeats)]
     if train:
         opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in models]
         states = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]

@@ -20,6 +20,7 @@ import torch
 
 from ..convert import check_fits, convert_state_dict, detect_layout, load_weights
 from ..efficientnet import B0_STAGES, HEAD_CHANNELS, VARIANTS, EfficientNet, round_channels, round_repeats
+from ..freeze import freeze
 from .data import IMAGENET_MEAN, IMAGENET_STD
 
 CHECKPOINT_FORMAT = "effnet_fast.train"
@@ -237,3 +238,9 @@ def training_checkpoint(*, state_dict, optimizer, scheduler, epoch, history, arg
         "history": history, "args": args,
         "model": model, "preprocess": preprocess,
     }
+
+
+def serving_model(model):
+    """What to run for inference: a fused EfficientNet frozen (effnet_fast.freeze: every
+    BatchNorm folded, once), any other model as it is, in eval mode."""
+    return freeze(model.eval()) if getattr(model, "fused", False) else model.eval()

@@ -10,7 +10,7 @@ import torch
 
 from .args import (FUSED_METAVAR, HelpFormatter, check_fused_on_device, default_device, device_arg, fused_arg,
                    positive_int)
-from .checkpoint import load_model
+from .checkpoint import load_model, serving_model
 from .data import UnreadableImage, read_image
 
 
@@ -44,7 +44,7 @@ def predict_with(loaded, paths, topk=5, device="cpu"):
 def top_classes(loaded, batch, paths, topk=5, device="cpu"):
     """predict_with() of a batch preprocess() made of the images at `paths`."""
     model, info = loaded
-    model.to(device)
+    model = serving_model(model).to(device)
     probs = model(batch.to(device)).float().softmax(1)
     k = min(topk, info["num_classes"])
     values, indices = probs.topk(k, dim=1)

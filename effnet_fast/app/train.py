@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .args import FUSED_NAMES, describe_backend
-from .checkpoint import check_writable, output_paths, save_atomic, training_checkpoint
+from .checkpoint import check_writable, output_paths, save_atomic, serving_model, training_checkpoint
 from .data import EpochSampler, UnreadableImage, make_loader
 from .runtime import Distributed, Progress, StopRequest, rng_state, set_rng_state
 from .train_config import DEFAULT_OUT, OPTION_NAMES, add_parser, load_inputs, parse_train_args, plain_args
@@ -338,6 +338,8 @@ def _evaluate_epoch(run, epoch, sums, seen_here, epoch_time, stop):
         if not calibrate_batch_norm(evaluated, run.loaders["calibration"], run.calibrate, device, args, stop,
                                     dist_ctx):
             return None
+    if AMP_DTYPES[args.amp] is None:  # served as frozen for inference (autocast picks its own dtypes)
+        evaluated = serving_model(evaluated)
     result = evaluate(evaluated, run.loaders["val"], device, args, dist_ctx, run.num_classes, stop)
     if result is None:
         return None
