@@ -68,9 +68,9 @@ def _freeze_timm(model, backend, kept):
     pool = model.global_pool
     if getattr(pool, "pool_type", "avg") != "avg":
         raise TypeError(f"freeze: timm model with global pool {pool.pool_type!r}; only 'avg' is frozen")
-    stem = _conv_bn_act(model.conv_stem, model.bn1, "conv_stem + bn1", kept)
+    stem = _conv_bn_act(model.conv_stem, _original(model.bn1), "conv_stem + bn1", kept)
     blocks = [_freeze(stage, f"blocks.{i}", backend, kept) for i, stage in enumerate(model.blocks)]
-    head = _conv_bn_act(model.conv_head, model.bn2, "conv_head + bn2", kept)
+    head = _conv_bn_act(model.conv_head, _original(model.bn2), "conv_head + bn2", kept)
     return _classifier([stem, *blocks, head], _linear(model.classifier), model.conv_stem.in_channels,
                        "timm EfficientNet", kept)
 

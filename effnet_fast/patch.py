@@ -394,8 +394,9 @@ class PatchedBatchNormAct(Patched):
     """timm's BatchNormAct2d with SiLU as the fused bn_silu op."""
 
     def forward(self, x):
-        if x.numel() == 0 or x.dim() != 4 or self._views() is None or _bn_problem(self) \
-                or not isinstance(self.act, nn.SiLU):
+        original = self.__dict__[ORIGINAL]  # shares this adapter's children; its class is timm's
+        if x.numel() == 0 or x.dim() != 4 or self._views() is None or _bn_problem(original) \
+                or not isinstance(original.act, nn.SiLU):
             return self._reference_forward(x)  # an activation or dropout replaced after patching
         return bn_silu(x, self, self.__dict__["_patch_backend"])
 

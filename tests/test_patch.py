@@ -2,6 +2,7 @@
 the original computes (eval, training step: outputs, gradients, BN statistics), keeps its
 state_dict, unpatches to the original objects, and leaves alone what it cannot fuse."""
 import copy
+import sys
 
 import pytest
 import torch
@@ -191,3 +192,17 @@ def test_unsupported_layers_are_left_alone():
     assert "ReLU" in reasons["features.2.0 squeeze-excitation + projection"]
     check_eval(original, patched, False)
     check_training_step(original, patched, False)
+
+
+def test_patched_timm_batch_norm_act_runs_the_fused_op(monkeypatch):
+    """The stem's and head's BatchNormAct2d adapters call bn_silu (not their reference forward),
+    and freezing the patched model folds them."""
+    original = build("efficientnet", "b0").to(memory_format=torch.channels_last)
+    patched = copy.deepcopy(original)
+    effnet_fast.patch(patched, "cpu")
+    patch_module = sys.modules["effnet_fast.patch"]  # effnet_fast.patch is the function
+    calls, real = [], patch_module.bn_silu
+    monkeypatch.setattr(patch_module, "bn_silu", lambda *a, **k: calls.append(1) or real(*a, **k))
+    check_eval(original, patched, channels_last=True)
+    assert len(calls) >= 2
+    assert not effnet_fast.freeze(patched).kept
