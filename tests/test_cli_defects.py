@@ -3,8 +3,6 @@
 tracebacks. Tiny runs: the digits at 16x16 or 32x32, a few PNGs made with PIL."""
 import os
 import signal
-import subprocess
-import sys
 import zipfile
 
 import numpy as np
@@ -17,7 +15,7 @@ from effnet_fast.app.data import load_data
 from effnet_fast.app.predict import preprocess
 from effnet_fast.convert import to_layout
 
-from test_train import _write_images, losses, run
+from test_train import _write_images, losses, run, train_with_signal
 
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
@@ -156,17 +154,7 @@ def test_sigterm_during_evaluation_saves_and_exits_143(tmp_path):
     # 90 training images (5 steps), 1,707 validation images: the evaluation takes a while.
     argv = ["--size", "16", "--batch", "16", "--workers", "0", "--epochs", "1", "--val-fraction", "0.95",
             "--out", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "effnet_fast", "train", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    output = []
-    for line in proc.stdout:
-        output.append(line)
-        if line.startswith("evaluating epoch 1/1"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    output.append(proc.stdout.read())
-    code = proc.wait(timeout=300)
-    text = "".join(output)
+    code, text = train_with_signal(argv, "evaluating epoch 1/1", signal.SIGTERM)
     assert "Traceback" not in text, text
     assert "evaluating epoch 1/1" in text, text
     ckpt = torch.load(out, map_location="cpu", weights_only=True)

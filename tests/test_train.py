@@ -80,20 +80,25 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")], "temporary file left behind"
 
 
-def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path, uninterrupted):
-    out = tmp_path / "ck.pt"
-    argv = [*TINY, "--epochs", "2", "--limit", "32", "--ema", "--out", str(out)]
+def train_with_signal(argv, line, signum):
+    """(exit code, output) of `effnet-fast train argv` in a subprocess sent `signum` when it
+    prints a line starting with `line`."""
     proc = subprocess.Popen([sys.executable, "-m", "effnet_fast", "train", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     output = []
-    for line in proc.stdout:
-        output.append(line)
-        if line.startswith("epoch 1/2"):
-            proc.send_signal(signal.SIGINT)
+    for printed in proc.stdout:
+        output.append(printed)
+        if printed.startswith(line):
+            proc.send_signal(signum)
             break
     output.append(proc.stdout.read())
-    code = proc.wait(timeout=300)
-    text = "".join(output)
+    return proc.wait(timeout=300), "".join(output)
+
+
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path, uninterrupted):
+    out = tmp_path / "ck.pt"
+    argv = [*TINY, "--epochs", "2", "--limit", "32", "--ema", "--out", str(out)]
+    code, text = train_with_signal(argv, "epoch 1/2", signal.SIGINT)
     assert "Traceback" not in text, text
     ckpt = torch.load(out, map_location="cpu", weights_only=True)
     if ckpt["epoch"] == 2:

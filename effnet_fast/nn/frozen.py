@@ -71,13 +71,6 @@ class FrozenModule(nn.Module):
             raise RuntimeError(f"{type(self).__name__}.train(): {FROZEN_HINT}")
         return super().train(False)
 
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
-        for module in self.modules():
-            if isinstance(module, FrozenConv):
-                module._packed = None  # derived from the buffers just replaced
-        return out
-
 
 class FrozenConv(FrozenModule):
     """conv (+ its BatchNorm, folded) (+ SiLU, or + a residual), eval only.
@@ -101,6 +94,10 @@ class FrozenConv(FrozenModule):
         self.groups, self.kernel_size, self.out_channels = conv.groups, tuple(conv.kernel_size), conv.out_channels
         self.act, self.folded_bn = act, bn is not None
         self._packed = None  # oneDNN's reordered weight, made on the first CPU float32 call
+
+    def _apply(self, fn, *args, **kwargs):
+        self._packed = None  # derived from the buffers about to be replaced
+        return super()._apply(fn, *args, **kwargs)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._packed = None

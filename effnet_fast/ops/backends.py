@@ -5,6 +5,7 @@ A backend's kernel table offers the kernel-level ops declared in csrc/op_schemas
 backends (the model's `fused` check, `fused=True`'s choice, `build_info`, the tests'
 backend and dtype matrix, the benchmarks) is derived from the registry below.
 """
+import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -210,8 +211,14 @@ def kernels(backend):
     module = REGISTRY[backend].kernel_module
     if module.startswith("torch.ops."):
         return getattr(torch.ops, module.removeprefix("torch.ops."))
+    return _kernel_package(module)
+
+
+@functools.cache
+def _kernel_package(module):
+    """Import a Python kernel package once, giving its kernel ops (Triton's) their fakes."""
     table = importlib.import_module(module)
-    namespace = getattr(table, "NAMESPACE", None)  # kernel ops of its own (Triton): give them their fakes
+    namespace = getattr(table, "NAMESPACE", None)
     if namespace is not None:
         register_kernel_fakes(namespace)
     return table
