@@ -10,6 +10,7 @@ as a copy of the original in eval mode, and the repr names it.
 """
 import copy
 
+import torch
 from torch import nn
 
 from .efficientnet import EfficientNet
@@ -19,7 +20,7 @@ from .ops.backends import check_fused_setting
 from .patch import ORIGINAL, Patched, block_parts, conv_bn_problem, kind_of, se_project_problem
 
 
-def freeze(model, backend=True):
+def freeze(model, backend=True, dtype=None):
     """A new eval-only module computing `model`'s eval forward (N, C, H, W) -> (N, classes)
     with every BatchNorm folded into the conv before it.
 
@@ -27,13 +28,29 @@ def freeze(model, backend=True):
         not); its weights are copied as they are now, on their device and in their dtype.
     backend: the fused backend of the squeeze-excitation kernels (True: the fastest built
         one for the input's device; see effnet_fast.BACKENDS).
+    dtype: the dtype the frozen model computes in (default: the model's). BatchNorm is
+        folded in float32 (float64 for a float64 model), then the folded weights are cast
+        once. A bfloat16 / float16 frozen model takes inputs in its dtype (answering in
+        it) or in float32 (answering in float32); on a CPU with bfloat16 instructions a
+        bfloat16 model runs oneDNN's bfloat16 convolutions. Under torch.autocast any
+        frozen model runs in autocast's dtype.
 
     The frozen model refuses train() and inputs that require grad; `.to(device)` and
     `load_state_dict` of its own state_dict work (its keys are not the model's: save
     `frozen.state_dict()` and load it into `freeze(<same architecture>)`).
     Raises TypeError for a model of another kind."""
     check_fused_setting(backend)
-    backend = backend or True
+    if dtype is not None and dtype not in FROZEN_DTYPES:
+        raise TypeError(f"freeze: dtype={dtype}; a frozen model computes in one of "
+                        f"{', '.join(map(str, FROZEN_DTYPES))}")
+    frozen = _freeze_model(model, backend or True)
+    return frozen if dtype is None else frozen.to(dtype)
+
+
+FROZEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _freeze_model(model, backend):
     kept = []
     if isinstance(model, EfficientNet):
         stages = [_freeze(model.stem, "stem", backend, kept),

@@ -28,6 +28,14 @@ def test_bench_runs(capsys):
     assert "speedup" in capsys.readouterr().out
 
 
+def test_bench_runs_in_bfloat16(capsys):
+    """--dtype bfloat16: eager under autocast against the model frozen in bfloat16 (and
+    both training under autocast), each checked against float32 first."""
+    main(["bench", "--batch", "4", "--size", "64", "--fused", "reference", "--repeats", "1", "--dtype", "bfloat16"])
+    out = capsys.readouterr().out
+    assert "bfloat16" in out and "eval (frozen)" in out and "training step" in out
+
+
 def test_train_one_epoch(capsys, tmp_path):
     pytest.importorskip("sklearn")
     out = tmp_path / "digits.pt"
@@ -44,6 +52,9 @@ def test_train_one_epoch(capsys, tmp_path):
     (["bench", "--size", "-3"], "--size"),
     (["bench", "--device", "tpu"], "--device"),
     (["bench", "--device", "cuda"] if not torch.cuda.is_available() else ["bench", "--version", "b8"], "--"),
+    (["bench", "--dtype", "float16"] if not torch.cuda.is_available() else ["bench", "--dtype", "int8"], "--dtype"),
+    (["predict", "x.png", "--weights", "w.pt", "--amp", "fp16"] if not torch.cuda.is_available()
+     else ["predict", "x.png", "--weights", "w.pt", "--amp", "int8"], "--amp"),
     (["summary", "b9"], "b9"),
     (["summary", "--size", "0"], "--size"),
 ])

@@ -2,6 +2,7 @@
 the reference's answers, its own copies of the weights, eval only; and the fused model's
 eval mode, which computes from the current parameters on every call."""
 import copy
+import os
 import pickle
 
 import pytest
@@ -233,3 +234,126 @@ def test_stage_replaced_after_a_forward_is_used(monkeypatch):
         for model in (ref, fused):
             model.head = torch.nn.Sequential(model.head, torch.nn.Hardtanh(-0.1, 0.1))
         close(fused(x), ref(x))
+
+
+# ----------------------------------------------------------------------------- low precision
+
+BF16_ON_ONEDNN = torch.bfloat16 in folded.ONEDNN_DTYPES
+
+
+def relative_error(actual, expected):
+    return ((actual.float() - expected).abs().max() / expected.abs().max()).item()
+
+
+def autocast_error(ref, x):
+    """How far eager bf16 autocast is from float32: the accuracy a bf16 path must keep."""
+    with torch.no_grad():
+        expected = ref(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return relative_error(ref(x), expected)
+
+
+def assert_bf16_accuracy(actual, ref, x):
+    with torch.no_grad():
+        expected = ref(x)
+    bound = max(2 * autocast_error(ref, x), 2e-2)
+    err = relative_error(actual, expected)
+    assert err <= bound, f"bf16 output off by {err:.3g} of the largest logit; eager bf16 autocast: bound {bound:.3g}"
+
+
+@pytest.mark.parametrize("onednn_bf16", [
+    pytest.param(True, marks=pytest.mark.skipif(not BF16_ON_ONEDNN, reason="the CPU has no bfloat16 instructions")),
+    False], ids=["onednn_bf16", "float32_compute"])
+def test_bfloat16_frozen_model(monkeypatch, onednn_bf16):
+    """freeze(dtype=bfloat16): float32 inputs answer in float32, bfloat16 inputs in
+    bfloat16, within eager autocast's accuracy; without bfloat16 instructions the model
+    computes in float32 from its rounded weights."""
+    if not onednn_bf16:
+        monkeypatch.setattr(folded, "ONEDNN_DTYPES", frozenset({torch.float32}))
+    ref, fused = pair()
+    x = image(n=4)
+    fast = freeze(fused, dtype=torch.bfloat16)
+    assert fast.dtype == torch.bfloat16 and all(b.dtype == torch.bfloat16 for b in fast.buffers())
+    with torch.no_grad():
+        out = fast(x)
+        assert out.dtype == torch.float32
+        assert_bf16_accuracy(out, ref, x)
+        low = fast(x.to(torch.bfloat16))
+        assert low.dtype == torch.bfloat16
+        assert_bf16_accuracy(low, ref, x)
+    assert list(fast._copies) == ([] if onednn_bf16 else [torch.float32])
+    if not onednn_bf16:  # the float32 copy holds the bfloat16 weights exactly
+        conv = fast._copies[torch.float32].stages[0]
+        assert torch.equal(conv.weight, fast.stages[0].weight.float())
+
+
+@pytest.mark.parametrize("bf16_compute", [True, False], ids=["bf16_compute", "float32_compute"])
+def test_frozen_model_under_autocast(monkeypatch, bf16_compute):
+    """A float32 frozen model under bf16 autocast answers in bfloat16 as autocast does, by
+    a copy of its weights made once (computing in float32 where the CPU has no bfloat16
+    instructions); outside autocast it is float32 again."""
+    if bf16_compute and not BF16_ON_ONEDNN:  # bfloat16 convs through torch instead of oneDNN
+        monkeypatch.setattr(folded, "_ONEDNN", False)
+        monkeypatch.setattr(folded, "ONEDNN_DTYPES", frozenset({torch.float32, torch.bfloat16}))
+    elif not bf16_compute:
+        monkeypatch.setattr(folded, "ONEDNN_DTYPES", frozenset({torch.float32}))
+    ref, fused = pair()
+    x = image(n=4)
+    fast = frozen_of(fused)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fast(x)
+            again = fast(x)
+        assert out.dtype == torch.bfloat16 and torch.equal(out, again)
+        assert_bf16_accuracy(out, ref, x)
+        close(fast(x), ref(x))
+    assert list(fast._copies) == ([torch.bfloat16] if bf16_compute else [])
+    fast.to(torch.float32)
+    assert not fast._copies, "a cast copy outlived the weights it was cast from"
+
+
+def test_model_cast_to_bfloat16_then_frozen():
+    """model.to(bfloat16), then freeze: BN folded in float32 from the bf16 parameters."""
+    ref, fused = pair()
+    x = image(n=4)
+    fast = freeze(copy.deepcopy(fused).to(torch.bfloat16))
+    assert fast.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert_bf16_accuracy(fast(x), ref, x)
+        assert fast(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_frozen_dtype_errors():
+    ref, fused = pair()
+    with pytest.raises(TypeError, match="dtype=torch.int8"):
+        freeze(fused, dtype=torch.int8)
+    fast = frozen_of(fused)
+    with pytest.raises(TypeError, match="torch.float32 weights, got a torch.bfloat16 input"):
+        fast(image().to(torch.bfloat16))
+    with pytest.raises(TypeError, match="torch.bfloat16 weights, got a torch.float64 input"):
+        freeze(fused, dtype=torch.bfloat16)(image().double())
+
+
+def _resident_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads /proc/self/statm")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_memory_flat_over_many_calls(dtype):
+    """1,000 calls with alternating batch sizes and a layout change: the resident memory
+    after them is what it was after the first round (cached plans, packed weights and
+    cast copies are made once), within allocator noise."""
+    _, fused = pair()
+    fast = freeze(fused, dtype=dtype)
+    inputs = [image(n=n, size=32, channels_last=n % 2 == 0) for n in (1, 2, 3)]
+    with torch.no_grad():
+        for x in inputs * 3:
+            fast(x)
+        before = _resident_bytes()
+        for i in range(1000):
+            fast(inputs[i % 3])
+    grown = _resident_bytes() - before
+    assert grown < 16 << 20, f"resident memory grew by {grown / 2**20:.1f} MiB over 1,000 calls"
+    assert len(fast._chunk_plans) <= 3

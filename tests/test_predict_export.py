@@ -60,6 +60,25 @@ def test_predict_gives_the_models_class(trained, capsys):
         assert len(top.split(", ")) == 3
 
 
+@pytest.mark.parametrize("fused", ["cpu", False])
+def test_predict_in_bfloat16_gives_the_float32_classes(trained, fused):
+    """--amp bf16: a fused model frozen in bfloat16, an unfused one under autocast; the
+    top classes and their probabilities as in float32, within bfloat16's rounding."""
+    from effnet_fast.app.predict import predict_with
+    from effnet_fast.ops.backends import backend_built
+    if fused == "cpu" and not backend_built("cpu"):
+        pytest.skip("the CPU kernels are not built")
+    checkpoint, images, _, folder = trained
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(str(folder / f"bf16_{i}.png"))
+        _save_png(image, paths[-1])
+    loaded = load_model(checkpoint, fused=fused)
+    full, low = (predict_with(loaded, paths, topk=1, amp=amp) for amp in (None, torch.bfloat16))
+    for (_, [(name, p)]), (_, [(low_name, low_p)]) in zip(full, low):
+        assert low_name == name and low_p == pytest.approx(p, abs=2e-2)
+
+
 def test_predict_with_a_bare_state_dict(trained, tmp_path, capsys):
     checkpoint, images, _, _ = trained
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)

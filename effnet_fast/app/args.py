@@ -81,6 +81,16 @@ def device_arg(value):
     return device
 
 
+# --amp: autocast's dtype (train), the inference dtype (predict).
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_amp_on_device(parser, amp, device):
+    """parser.error (exit 2) for fp16 on a CPU, which has no fast float16 arithmetic."""
+    if amp == "fp16" and torch.device(device).type != "cuda":
+        parser.error("--amp fp16 needs a CUDA device; on the CPU use --amp bf16")
+
+
 def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -11,6 +11,7 @@ from .args import FUSED_METAVAR, FUSED_NAMES, HelpFormatter, check_fused_on_devi
 from .args import fused_arg, positive_int
 from .benchmark import bench_models
 
+BENCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Timing spread (slowest / fastest call - 1) above which a bench warns that the machine was busy.
 BUSY_SPREAD = 0.25
 
@@ -29,6 +30,9 @@ def add_command(sub):
     p.add_argument("--device", type=device_arg, default=default_device(), help="cpu, cuda or cuda:N")
     p.add_argument("--channels-last", action="store_true", help="channels_last inputs and models")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed calls of each model, in turns")
+    p.add_argument("--dtype", default="float32", choices=sorted(BENCH_DTYPES),
+                   help="bfloat16 / float16: the reference under autocast against the fused model frozen in that "
+                        "dtype (eval) and under autocast (training)")
     p.add_argument("--no-train", action="store_true", help="time the eval forward only")
     p.set_defaults(func=run_command, check=functools.partial(check_args, p))
     return p
@@ -47,6 +51,8 @@ def check_args(parser, args):
     if not args.fused:
         parser.error("--fused off: bench compares the fused model with the reference; pick a backend or auto")
     check_fused_on_device(parser, args.fused, args.device)
+    if args.dtype == "float16" and torch.device(args.device).type != "cuda":
+        parser.error("--dtype float16 needs a CUDA device; on the CPU use --dtype bfloat16")
     size = args.size or VARIANTS[args.version].resolution
     if size < MIN_SIZE:
         parser.error(f"--size {size}: bench needs at least {MIN_SIZE} (the network downsamples by 32; smaller "
@@ -63,11 +69,11 @@ def run_command(args, _inputs=None):
     """Eval forward (and training step) of the reference and fused models, in turns."""
     size = args.size or VARIANTS[args.version].resolution
     layout = "channels_last" if args.channels_last else "NCHW"
-    print(f"{args.version}, batch {args.batch}, {size}x{size}, {layout}, {args.device}, "
+    print(f"{args.version}, batch {args.batch}, {size}x{size}, {layout}, {args.dtype}, {args.device}, "
           f"{torch.get_num_threads()} threads, fused={FUSED_NAMES.get(args.fused, args.fused)}; "
           f"median of {args.repeats} calls each, the models taking turns")
     rows = bench_models(args.version, args.fused, args.device, args.batch, size, args.channels_last,
-                        args.repeats, train=not args.no_train)
+                        args.repeats, train=not args.no_train, dtype=BENCH_DTYPES[args.dtype])
     print(f"{'':<18}{'reference ms':>14}{'fused ms':>10}{'speedup':>9}{'spread':>9}")
     for row in rows:
         print(f"{row.name:<18}{row.reference * 1e3:>14.1f}{row.fused * 1e3:>10.1f}{row.speedup:>8.2f}x"

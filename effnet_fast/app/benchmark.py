@@ -65,18 +65,27 @@ def copy_bandwidth(device="cpu", nbytes=None, repeats=5):
     return 2 * nbytes / seconds
 
 
-def eval_forward(model, x, run=None):
-    """One no-grad forward in eval mode; `run` is model or a compiled wrapper of it."""
+def autocast_to(dtype, device):
+    """torch.autocast to dtype on device, or nothing for dtype None / float32."""
+    return torch.autocast(torch.device(device).type, dtype=dtype,
+                          enabled=dtype not in (None, torch.float32))
+
+
+def eval_forward(model, x, run=None, amp=None):
+    """One no-grad forward in eval mode (under autocast to `amp`, when given); `run` is
+    model or a compiled wrapper of it."""
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast_to(amp, x.device):
         return (model if run is None else run)(x)
 
 
-def train_step(model, opt, x, y, run=None):
-    """One SGD step in training mode; returns the loss."""
+def train_step(model, opt, x, y, run=None, amp=None):
+    """One SGD step in training mode (the forward under autocast to `amp`, when given);
+    returns the loss."""
     model.train()
     opt.zero_grad(set_to_none=True)
-    loss = F.cross_entropy((model if run is None else run)(x), y)
+    with autocast_to(amp, x.device):
+        loss = F.cross_entropy((model if run is None else run)(x), y)
     loss.backward()
     opt.step()
     return loss
@@ -104,11 +113,14 @@ class BenchRow(NamedTuple):
         return self.reference / self.fused
 
 
-def bench_models(version, fused, device, batch, size, channels_last, repeats, train=True):
+def bench_models(version, fused, device, batch, size, channels_last, repeats, train=True, dtype=torch.float32):
     """Median times of the reference and fused `version` models, taking turns, with BN
     statistics calibrated first and the outputs (and first training losses) compared
     before timing; raises AssertionError when they disagree. The eval row times the
-    fused model frozen for inference (effnet_fast.freeze), as a user would serve it."""
+    fused model frozen for inference (effnet_fast.freeze), as a user would serve it.
+    dtype bfloat16 / float16: the reference runs under autocast, the fused model is
+    frozen in dtype (eval) or trains under autocast; outputs are checked against the
+    float32 reference within low-precision tolerance."""
     device = torch.device(device)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, size, size, generator=gen).to(device)
@@ -124,27 +136,47 @@ def bench_models(version, fused, device, batch, size, channels_last, repeats, tr
     fused_model.load_state_dict(reference.state_dict())
     models = (reference, fused_model)
 
-    served = (reference, freeze(fused_model.eval()))
-    expected, actual = (eval_forward(m, x) for m in served)
-    torch.testing.assert_close(actual, expected, atol=1e-3, rtol=1e-3,
-                               msg=lambda m: f"the frozen fused model's output differs from the reference: {m}")
-    rows = [_row("eval (frozen)", [synchronized(lambda m=m: eval_forward(m, x), device) for m in served], repeats)]
+    amp = None if dtype == torch.float32 else dtype
+    served = (reference, freeze(fused_model.eval(), dtype=dtype))
+    expected = eval_forward(reference, x)
+    for label, out in (("the reference under autocast", eval_forward(reference, x, amp=amp)),
+                       ("the frozen fused model", eval_forward(served[1], x))):
+        _check_output(label, out, expected, dtype)
+    rows = [_row("eval (frozen)", [synchronized(lambda m=m, a=a: eval_forward(m, x, amp=a), device)
+                                   for m, a in zip(served, (amp, None))], repeats)]
     if train:
         opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in models]
         states = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
         losses = []
         for m, o in zip(models, opts):
             torch.manual_seed(0)  # the same dropout and stochastic-depth draws for both
-            losses.append(train_step(m, o, x, target).item())
-        if abs(losses[0] - losses[1]) > 1e-3 * max(1.0, abs(losses[0])):
+            losses.append(train_step(m, o, x, target, amp=amp).item())
+        if abs(losses[0] - losses[1]) > LOSS_TOLERANCE[dtype] * max(1.0, abs(losses[0])):
             raise AssertionError(f"first training losses differ: reference {losses[0]:.6f}, fused {losses[1]:.6f} "
                                  "(batch statistics over very few values, as on 1x1 maps of a tiny batch, are "
                                  "ill-conditioned: try a larger --batch or --size)")
         for m, s in zip(models, states):
             m.load_state_dict(s)
-        rows.append(_row("training step", [synchronized(lambda m=m, o=o: train_step(m, o, x, target), device)
+        rows.append(_row("training step", [synchronized(lambda m=m, o=o: train_step(m, o, x, target, amp=amp), device)
                                            for m, o in zip(models, opts)], repeats))
     return rows
+
+
+# Largest relative difference of the first training losses, and of the eval logits from the
+# float32 reference (max |diff| over max |logit|), by dtype.
+LOSS_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+OUTPUT_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.1, torch.float16: 2e-2}
+
+
+def _check_output(label, actual, expected, dtype):
+    if dtype == torch.float32:
+        torch.testing.assert_close(actual, expected, atol=1e-3, rtol=1e-3,
+                                   msg=lambda m: f"{label}'s output differs from the reference: {m}")
+        return
+    rel = ((actual.float() - expected).abs().max() / expected.abs().max()).item()
+    if rel > OUTPUT_TOLERANCE[dtype]:
+        raise AssertionError(f"{label}'s {dtype} output differs from the float32 reference by {rel:.3g} of its "
+                             f"largest logit (accepted: {OUTPUT_TOLERANCE[dtype]})")
 
 
 def _row(name, fns, repeats):

@@ -240,7 +240,8 @@ def training_checkpoint(*, state_dict, optimizer, scheduler, epoch, history, arg
     }
 
 
-def serving_model(model):
+def serving_model(model, dtype=None):
     """What to run for inference: a fused EfficientNet frozen (effnet_fast.freeze: every
-    BatchNorm folded, once), any other model as it is, in eval mode."""
-    return freeze(model.eval()) if getattr(model, "fused", False) else model.eval()
+    BatchNorm folded, once; computing in `dtype`, default the model's), any other model
+    as it is, in eval mode (run it under autocast for another dtype)."""
+    return freeze(model.eval(), dtype=dtype) if getattr(model, "fused", False) else model.eval()

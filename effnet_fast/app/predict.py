@@ -8,8 +8,8 @@ import os
 
 import torch
 
-from .args import (FUSED_METAVAR, HelpFormatter, check_fused_on_device, default_device, device_arg, fused_arg,
-                   positive_int)
+from .args import (AMP_DTYPES, FUSED_METAVAR, HelpFormatter, check_amp_on_device, check_fused_on_device,
+                   default_device, device_arg, fused_arg, positive_int)
 from .checkpoint import load_model, serving_model
 from .data import UnreadableImage, read_image
 
@@ -29,23 +29,26 @@ def preprocess(paths, info):
     return torch.stack([transform(read_image(path)) for path in paths])
 
 
-def predict(paths, weights, topk=5, fused=False, device="cpu"):
+def predict(paths, weights, topk=5, fused=False, device="cpu", amp=None):
     """[(path, [(class name, probability), ...]), ...], the top `topk` per image, with the
-    model of checkpoint `weights` (see effnet_fast.app.checkpoint.load_model)."""
-    return predict_with(load_model(weights, fused=fused), paths, topk, device)
+    model of checkpoint `weights` (see effnet_fast.app.checkpoint.load_model); amp: None,
+    or the dtype to compute in (torch.bfloat16: a fused model frozen in bfloat16, any
+    other under autocast)."""
+    return predict_with(load_model(weights, fused=fused), paths, topk, device, amp)
 
 
-def predict_with(loaded, paths, topk=5, device="cpu"):
+def predict_with(loaded, paths, topk=5, device="cpu", amp=None):
     """predict() with a (model, info) pair load_model returned."""
-    return top_classes(loaded, preprocess(paths, loaded[1]), paths, topk, device)
+    return top_classes(loaded, preprocess(paths, loaded[1]), paths, topk, device, amp)
 
 
 @torch.no_grad()
-def top_classes(loaded, batch, paths, topk=5, device="cpu"):
+def top_classes(loaded, batch, paths, topk=5, device="cpu", amp=None):
     """predict_with() of a batch preprocess() made of the images at `paths`."""
     model, info = loaded
-    model = serving_model(model).to(device)
-    probs = model(batch.to(device)).float().softmax(1)
+    model = serving_model(model, amp).to(device)
+    with torch.autocast(torch.device(device).type, dtype=amp, enabled=amp is not None):
+        probs = model(batch.to(device)).float().softmax(1)
     k = min(topk, info["num_classes"])
     values, indices = probs.topk(k, dim=1)
     return [(path, [(info["classes"][i], p) for i, p in zip(idx.tolist(), val.tolist())])
@@ -64,6 +67,9 @@ def add_command(sub):
     p.add_argument("--topk", type=positive_int, default=5, help="classes shown per image")
     p.add_argument("--fused", type=fused_arg, default="off", metavar=FUSED_METAVAR, help="fused kernels")
     p.add_argument("--device", type=device_arg, default=default_device(), help="cpu, cuda or cuda:N")
+    p.add_argument("--amp", default="off", choices=sorted(AMP_DTYPES),
+                   help="compute in bf16 (CPU or GPU) or fp16 (GPU): a fused model is frozen in that dtype, "
+                        "an unfused one runs under autocast")
     p.set_defaults(func=run_command, check=functools.partial(check_args, p))
     return p
 
@@ -72,6 +78,7 @@ def check_args(parser, args):
     """Post-parse validation (parser.error: exit code 2); returns the loaded (model, info)
     and the images as a batch."""
     check_fused_on_device(parser, args.fused, args.device)
+    check_amp_on_device(parser, args.amp, args.device)
     missing = [path for path in args.images if not os.path.isfile(path)]
     if missing:
         parser.error(f"IMAGE: no such file: {', '.join(missing)}")
@@ -89,7 +96,7 @@ def check_args(parser, args):
 
 def run_command(args, inputs):
     loaded, batch = inputs
-    results = top_classes(loaded, batch, args.images, args.topk, args.device)
+    results = top_classes(loaded, batch, args.images, args.topk, args.device, AMP_DTYPES[args.amp])
     for path, top in results:
         print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
     return results

@@ -338,8 +338,7 @@ def _evaluate_epoch(run, epoch, sums, seen_here, epoch_time, stop):
         if not calibrate_batch_norm(evaluated, run.loaders["calibration"], run.calibrate, device, args, stop,
                                     dist_ctx):
             return None
-    if AMP_DTYPES[args.amp] is None:  # served as frozen for inference (autocast picks its own dtypes)
-        evaluated = serving_model(evaluated)
+    evaluated = serving_model(evaluated)  # under --amp, a frozen model runs in autocast's dtype
     result = evaluate(evaluated, run.loaders["val"], device, args, dist_ctx, run.num_classes, stop)
     if result is None:
         return None

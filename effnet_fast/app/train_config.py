@@ -10,12 +10,11 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..efficientnet import VARIANTS
-from .args import (FUSED_METAVAR, HelpFormatter, check_fused_on_device, default_device, device_arg, float_in,
-                   fused_arg, non_negative_int, positive_int)
+from .args import (AMP_DTYPES, FUSED_METAVAR, HelpFormatter, check_amp_on_device, check_fused_on_device,
+                   default_device, device_arg, float_in, fused_arg, non_negative_int, positive_int)
 from .checkpoint import check_writable, init_state_dict, output_paths, read_checkpoint
 from .data import DATASETS, DataError, load_data, resolve_dataset
 from .runtime import world_size
-from .train_loop import AMP_DTYPES
 
 DEFAULT_OUT = os.path.join("checkpoints", "train.pt")
 # Defaults per optimiser when --lr / --weight-decay are not given; SGD's lr is for a global
@@ -191,9 +190,7 @@ def check_args(parser, args):
     """Post-parse validation (parser.error: exit code 2, the option named); resolves the
     defaults and returns the run's TrainInputs."""
     device = torch.device(args.device)
-    if args.amp == "fp16" and device.type != "cuda":
-        parser.error("--amp fp16 needs a CUDA device (fp16 autocast with a gradient scaler); on the CPU use "
-                     "--amp bf16")
+    check_amp_on_device(parser, args.amp, device)
     check_fused_on_device(parser, args.fused, device)
     if args.init and args.resume:
         parser.error("--init and --resume together: the --resume checkpoint already holds the weights")

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 from ..efficientnet import EfficientNet
 from ..nn.batch_norm import recompute_bn_statistics
-
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .args import AMP_DTYPES
 
 
 def lr_factor(step, warmup_steps, total_steps):

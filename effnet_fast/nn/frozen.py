@@ -19,6 +19,8 @@ reordered copy of a weight is derived from them on the first call and dropped wh
 the buffers are replaced (`.to()`, load_state_dict). Frozen modules refuse train() and
 gradients.
 """
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,9 +56,21 @@ def fold_bn_into_conv(conv_weight, bn, conv_bias=None):
     return conv_weight.to(acc) * scale.view(-1, *([1] * (conv_weight.dim() - 1))), bias
 
 
+def _onednn_dtypes():
+    dtypes = {torch.float32}
+    if _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported():  # AVX-512 or AVX-NE-CONVERT
+        dtypes.add(torch.bfloat16)
+    return frozenset(dtypes)
+
+
+ONEDNN_DTYPES = _onednn_dtypes()
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 def onednn_ok(x):
-    """True when oneDNN's fused convolutions can run on x."""
-    return _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
+    """True when oneDNN's fused convolutions can run on x (float32, or bfloat16 on a CPU
+    with bfloat16 instructions)."""
+    return _ONEDNN and x.device.type == "cpu" and x.dtype in ONEDNN_DTYPES
 
 
 class FrozenModule(nn.Module):
@@ -93,7 +107,7 @@ class FrozenConv(FrozenModule):
         self.stride, self.padding, self.dilation = tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation)
         self.groups, self.kernel_size, self.out_channels = conv.groups, tuple(conv.kernel_size), conv.out_channels
         self.act, self.folded_bn = act, bn is not None
-        self._packed = None  # oneDNN's reordered weight, made on the first CPU float32 call
+        self._packed = None  # oneDNN's reordered weight, made on the first CPU call
 
     def _apply(self, fn, *args, **kwargs):
         self._packed = None  # derived from the buffers about to be replaced
@@ -222,8 +236,16 @@ class FrozenSequential(FrozenModule):
 class FrozenClassifier(FrozenModule):
     """A frozen image classifier: `stages` over chunks of the batch (run_in_chunks), the
     global average pool, then a copy of the classifier (nn.Linear; dropout is the
-    identity in eval). Input (N, in_channels, H, W), NCHW or channels_last, in the
-    dtype of the weights; output (N, classes) logits.
+    identity in eval). Input (N, in_channels, H, W), NCHW or channels_last; output
+    (N, classes) logits:
+      input in the weights' dtype       computed and answered in that dtype;
+      float32 input, bfloat16 / float16 weights
+                                        cast once, computed in the weights' dtype, answered
+                                        in float32 (an inference engine's precision hint);
+      under torch.autocast              computed and answered in autocast's dtype, by a
+                                        copy of the weights cast once and kept.
+    On a CPU without bfloat16 instructions, bfloat16 and float16 compute in float32 from
+    the rounded weights (see _model_for).
 
     `kept` counts the modules that could not be frozen and run as copies of the
     originals in eval mode (the repr names them)."""
@@ -234,20 +256,58 @@ class FrozenClassifier(FrozenModule):
         self.classifier = classifier
         self.in_channels, self.source, self.kept = in_channels, source, tuple(kept)
         self._chunk_plans = {}
+        self._copies = {}  # {dtype: this model cast to dtype}, for autocast
+
+    @property
+    def dtype(self):
+        """The dtype the frozen weights hold and the layers compute in."""
+        return self.classifier.weight.dtype
 
     def forward(self, x):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"frozen {self.source} expects a 4-D (N, {self.in_channels}, H, W) input, got shape "
                              f"{tuple(x.shape)}")
-        dtype = self.classifier.weight.dtype
-        if x.dtype != dtype:
-            raise TypeError(f"frozen {self.source} holds {dtype} weights, got a {x.dtype} input: cast the input "
-                            f"(x.to({dtype})), or freeze a model in {x.dtype}")
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError(f"the input requires grad: {FROZEN_HINT}")
-        with torch.no_grad():
-            features = self._run_in_chunks(as_supported_layout(x))
-            return self.classifier(features.mean((2, 3)))
+        model, out_dtype = self._model_for(x)
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            features = model._run_in_chunks(as_supported_layout(x.to(model.dtype)))
+            return model.classifier(features.mean((2, 3))).to(out_dtype)
+
+    def _model_for(self, x):
+        """(the frozen model that runs x, the output dtype). Under autocast: a copy with
+        the weights in autocast's dtype, output in that dtype as autocast gives it. A
+        low-precision model takes float32 inputs too and answers in float32, as an
+        inference engine's precision hint does. On a CPU without bfloat16 instructions
+        low precision computes in float32, from the low-precision weights (as OpenVINO's
+        bf16 hint does there): emulated bfloat16 would be slower and no more exact."""
+        low = _autocast_dtype(x.device.type)
+        if low is not None and x.is_floating_point():
+            compute, out = low, low
+        elif x.dtype == self.dtype:
+            compute, out = x.dtype, x.dtype
+        elif x.dtype == torch.float32 and self.dtype in LOW_PRECISION:
+            compute, out = self.dtype, torch.float32
+        else:
+            raise TypeError(f"frozen {self.source} holds {self.dtype} weights, got a {x.dtype} input: cast the "
+                            f"input (x.to({self.dtype})), or freeze with dtype={x.dtype}")
+        if x.device.type == "cpu" and compute in LOW_PRECISION and compute not in ONEDNN_DTYPES:
+            compute = torch.float32
+        return (self if compute == self.dtype else self._copy_in(compute)), out
+
+    def _copy_in(self, dtype):
+        """This model with its weights cast to dtype, made once (dropped with the weights)."""
+        if dtype not in self._copies:
+            self._copies[dtype] = copy.deepcopy(self).to(dtype)
+        return self._copies[dtype]
+
+    def _apply(self, fn, *args, **kwargs):
+        self._copies = {}  # cast from the buffers about to be replaced
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._copies = {}
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _run_in_chunks(self, x):
         stages = list(self.stages)
@@ -260,7 +320,7 @@ class FrozenClassifier(FrozenModule):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_chunk_plans"] = {}
+        state["_chunk_plans"], state["_copies"] = {}, {}
         return state
 
     def extra_repr(self):
@@ -269,6 +329,13 @@ class FrozenClassifier(FrozenModule):
         where = f", {p.dtype}, {p.device}" if p is not None else ""
         kept = f", kept as they were: {', '.join(self.kept)}" if self.kept else ""
         return f"frozen from {self.source}: {folded} BatchNorms folded into their convs{where}{kept}"
+
+
+def _autocast_dtype(device_type):
+    """autocast's dtype for device_type when autocast is on there, else None."""
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 # Largest activation a chunk of the batch may write: well inside the last-level cache
