@@ -256,7 +256,7 @@ def autocast_error(ref, x):
 def assert_bf16_accuracy(actual, ref, x):
     with torch.no_grad():
         expected = ref(x)
-    bound = max(2 * autocast_error(ref, x), 2e-2)
+    bound = max(3 * autocast_error(ref, x), 5e-2)  # a wrong or stale weight errs by the logits' own size
     err = relative_error(actual, expected)
     assert err <= bound, f"bf16 output off by {err:.3g} of the largest logit; eager bf16 autocast: bound {bound:.3g}"
 
