@@ -138,7 +138,8 @@ def _conv_problem(conv, plain_only=False, depthwise=False, pointwise=False):
     same = depthwise and is_same_padded(conv)
     if type(conv) is not nn.Conv2d and not same:
         if type(conv).__name__ == "Conv2dSame":
-            return "Conv2dSame: TF 'same' padding, asymmetric for stride 2 (the fused ops pad symmetrically)"
+            return ("Conv2dSame: TF 'same' padding, asymmetric for stride 2 (fused only as a depthwise conv; "
+                    "the folded convs pad symmetrically)")
         return f"{type(conv).__name__}, not a plain nn.Conv2d"
     if conv.dilation != (1, 1):
         return f"dilated conv {conv.dilation}"

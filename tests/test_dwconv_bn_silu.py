@@ -373,3 +373,13 @@ def test_bad_padding_raises_clear_errors():
         dwconv_bn_silu_fn(torch.randn(1, 4, 1, 6), *args, padding=(0, 0, 1, 1))
     with pytest.raises(ValueError, match="padding must be one of"):
         FusedDWConvBNSiLU(4, 3, 2, padding="valid")
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] != "reference"])
+def test_kernel_ops_refuse_bad_padding(backend, device):
+    k = kernels(backend)
+    x, w = torch.randn(1, 4, 5, 5, device=device), torch.randn(4, 1, 3, 3, device=device)
+    for x_in, padding, message in ((x, [0, 2, 0, 0], r"k // 2 = 1\]"), (x, [0, 1], r"\(top, bottom, left, right\)"),
+                                   (x[:, :, :1], [0, 0, 1, 1], "smaller than the 3x3 kernel")):
+        with pytest.raises((RuntimeError, ValueError), match=message):
+            k.dwconv_bn_silu_stats(x_in, w, 1, padding)
