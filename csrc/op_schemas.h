@@ -11,19 +11,22 @@
 namespace effnet_fast {
 
 inline void define_ops(torch::Library& m) {
-  // Depthwise conv (k x k, stride, symmetric padding k // 2) + BatchNorm + SiLU.
+  // Depthwise conv (k x k, stride) + BatchNorm + SiLU. `padding`: (top, bottom, left, right)
+  // zeros, each in [0, k // 2] (TF 'same' padding is asymmetric for stride 2); None pads
+  // k // 2 on every side. The output is ((H + top + bottom - k) / stride + 1) x (likewise W).
   // Per-channel mean and biased variance of y = dwconv(x, weight).
-  m.def("dwconv_bn_silu_stats(Tensor x, Tensor weight, int stride) -> (Tensor, Tensor)");
+  m.def("dwconv_bn_silu_stats(Tensor x, Tensor weight, int stride, int[]? padding=None) -> (Tensor, Tensor)");
   // out = silu(y * scale[c] + shift[c]).
-  m.def("dwconv_bn_silu_forward(Tensor x, Tensor weight, Tensor scale, Tensor shift, int stride) -> Tensor");
+  m.def("dwconv_bn_silu_forward(Tensor x, Tensor weight, Tensor scale, Tensor shift, int stride, "
+        "int[]? padding=None) -> Tensor");
   // With z = y * scale + shift and dz = grad_out * silu'(z):
   // (sum dz, sum dz * (y - mean)) per channel.
   m.def("dwconv_bn_silu_backward_reduce(Tensor grad_out, Tensor x, Tensor weight, Tensor scale, "
-        "Tensor shift, Tensor mean, int stride) -> (Tensor, Tensor)");
+        "Tensor shift, Tensor mean, int stride, int[]? padding=None) -> (Tensor, Tensor)");
   // With dy = coef_a[c] * dz + coef_b[c] * y + coef_c[c]:
   // (grad_x, grad_weight) of y = dwconv(x, weight).
   m.def("dwconv_bn_silu_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor scale, Tensor shift, "
-        "Tensor coef_a, Tensor coef_b, Tensor coef_c, int stride) -> (Tensor, Tensor)");
+        "Tensor coef_a, Tensor coef_b, Tensor coef_c, int stride, int[]? padding=None) -> (Tensor, Tensor)");
 
   // BatchNorm + SiLU of a tensor y (the output of the stem, expand and head convs).
   // Per-channel mean and biased variance of y.

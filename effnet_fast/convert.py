@@ -5,9 +5,11 @@ head.{conv,bn}, classifier. The maps are built from the model's own structure, s
 they hold for every variant (the peers' layouts differ only in names).
 
 timm's TF ports (`tf_efficientnet_b*`) have the same keys and shapes as its
-`efficientnet_b*` but need TF 'same' padding and BatchNorm eps 1e-3, which this
-model does not implement: a timm state dict cannot be told apart from its keys,
-so loading one needs `layout="timm"` (or the timm model object, which is checked)."""
+`efficientnet_b*` but need TF 'same' padding and BatchNorm eps 1e-3: they load into
+`EfficientNet(version, padding="same")` only, and the symmetric-padding model refuses
+them. A timm state dict cannot be told apart from its keys, so loading one needs
+`layout="timm"` (efficientnet_b*) or `layout="timm_tf"` (tf_efficientnet_b*), or the
+timm model object, which is checked."""
 import os
 
 import torch
@@ -72,10 +74,32 @@ def timm_key_map(model):
     return km
 
 
-KEY_MAPS = {"torchvision": torchvision_key_map, "timm": timm_key_map}
 TF_PORT_LAYOUT = "timm_tf"
+KEY_MAPS = {"torchvision": torchvision_key_map, "timm": timm_key_map, TF_PORT_LAYOUT: timm_key_map}
 _TF_PORT_WHY = ("timm's TF-ported weights (tf_efficientnet_*) need TF 'same' padding and BatchNorm eps 1e-3; "
-                "this model pads symmetrically, so they would load but give wrong outputs")
+                "this model pads symmetrically, so they would load but give wrong outputs: build "
+                "EfficientNet(version, padding=\"same\") for them")
+_SYMMETRIC_WHY = ("this model has TF 'same' padding (padding=\"same\"), for timm's tf_efficientnet_* weights; "
+                  "weights trained with symmetric padding (torchvision, timm's efficientnet_*) need "
+                  "EfficientNet(version) (padding=\"symmetric\")")
+
+
+def padding_of(model):
+    """'same' or 'symmetric': the padding `model` (an effnet_fast.EfficientNet) was built with."""
+    return getattr(model, "padding", "symmetric")
+
+
+def check_layout_padding(model, layout):
+    """Refuse a peer layout whose padding is not `model`'s (the weights would load but give
+    wrong outputs): the TF ports need padding="same", everything else symmetric padding."""
+    if layout == "effnet_fast":
+        return
+    same = padding_of(model) == "same"
+    if layout == TF_PORT_LAYOUT and not same:
+        raise ValueError(f"layout {TF_PORT_LAYOUT!r}: {_TF_PORT_WHY}")
+    if layout != TF_PORT_LAYOUT and same:
+        hint = f"; for tf_efficientnet_* weights pass layout={TF_PORT_LAYOUT!r}" if layout == "timm" else ""
+        raise ValueError(f"layout {layout!r}: {_SYMMETRIC_WHY}{hint}")
 
 
 def detect_layout(state_dict):
@@ -91,17 +115,18 @@ def detect_layout(state_dict):
                      f"got e.g. {list(keys)[:3]}")
 
 
-def _checked_layout(state_dict, layout):
-    if layout == TF_PORT_LAYOUT:
-        raise ValueError(f"layout {TF_PORT_LAYOUT!r} is not supported: {_TF_PORT_WHY}")
+def _checked_layout(model, state_dict, layout):
     if layout is not None and layout not in ("effnet_fast", *KEY_MAPS):
         raise ValueError(f"unknown layout {layout!r}; choose one of {('effnet_fast', *KEY_MAPS)}")
     detected = detect_layout(state_dict)
     if layout is None and detected == "timm":
         raise ValueError("a timm state dict needs an explicit layout: pass layout='timm' for timm's efficientnet_b* "
-                         "weights (or the timm model itself instead of its state dict). Its keys cannot tell "
-                         f"efficientnet_b* from tf_efficientnet_b*, and {_TF_PORT_WHY}")
-    return layout or detected
+                         f"weights or layout={TF_PORT_LAYOUT!r} for its tf_efficientnet_b* (TF 'same' padding, "
+                         "into EfficientNet(version, padding=\"same\")), or the timm model itself instead of its "
+                         "state dict: its keys cannot tell the two apart")
+    layout = layout or detected
+    check_layout_padding(model, layout)
+    return layout
 
 
 def convert_state_dict(model, state_dict, layout=None, strict=True):
@@ -109,7 +134,7 @@ def convert_state_dict(model, state_dict, layout=None, strict=True):
     module docstring) translated to `model`'s keys. Missing keys (e.g.
     num_batches_tracked of older checkpoints) are left out; a shape mismatch raises
     ValueError naming the tensor. strict=False skips missing and unused tensors."""
-    layout = _checked_layout(state_dict, layout)
+    layout = _checked_layout(model, state_dict, layout)
     if layout == "effnet_fast":
         return dict(state_dict)
     km = KEY_MAPS[layout](model)
@@ -133,7 +158,8 @@ def convert_state_dict(model, state_dict, layout=None, strict=True):
 
 
 def to_layout(model, layout="torchvision"):
-    """`model`'s state dict in a peer's layout ('torchvision' or 'timm')."""
+    """`model`'s state dict in a peer's layout ('torchvision', 'timm' or 'timm_tf', the
+    latter two with the same keys)."""
     ours = model.state_dict()
     return {theirs: ours[our_key] for our_key, theirs in KEY_MAPS[layout](model).items()}
 
@@ -142,13 +168,24 @@ def _batch_norm_eps(module):
     return {m.eps for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
 
 
-def check_peer_model(model, peer):
-    """Refuse a peer model (torchvision or timm) whose layers compute something else
-    than `model` with the same weights: TF 'same' padding, another BatchNorm eps."""
+def peer_layout(model, peer):
+    """The layout of a peer model object: 'timm_tf' for a timm TF port (its Conv2dSame
+    layers), else the one its state dict's keys show. Refuses (ValueError) a peer whose
+    layers compute something else than `model` with the same weights: another padding
+    or another BatchNorm eps."""
     same_pad = [name for name, m in peer.named_modules() if type(m).__name__.startswith("Conv2dSame")]
-    if same_pad:
+    if same_pad and padding_of(model) != "same":
         raise ValueError(f"{type(peer).__name__} has {len(same_pad)} Conv2dSame layers (e.g. {same_pad[0]!r}): "
                          f"it is a TF port; {_TF_PORT_WHY}")
+    if not same_pad and padding_of(model) == "same":
+        raise ValueError(f"{type(peer).__name__} has no Conv2dSame layers: {_SYMMETRIC_WHY}")
+    check_peer_model(model, peer)
+    layout = detect_layout(peer.state_dict())
+    return TF_PORT_LAYOUT if same_pad and layout == "timm" else layout
+
+
+def check_peer_model(model, peer):
+    """Refuse a peer model whose BatchNorm eps is not `model`'s (padding: see peer_layout)."""
     theirs, ours = _batch_norm_eps(peer), _batch_norm_eps(model)
     if theirs != ours:
         raise ValueError(f"{type(peer).__name__} uses BatchNorm eps {sorted(theirs)}, this model {sorted(ours)}: "
@@ -183,13 +220,15 @@ def check_fits(model, state, strict):
 def load_weights(model, source, layout=None, strict=True):
     """Load weights into `model` from a state dict, a local file, a URL (needs a
     network) or a torchvision / timm model object, in our, torchvision's or timm's
-    layout (a timm state dict needs layout='timm', see the module docstring). Only
+    layout (a timm state dict needs layout='timm', or 'timm_tf' for the TF ports, which
+    load into EfficientNet(version, padding="same") only; see the module docstring). Only
     tensors are unpickled (weights_only=True). All or nothing: a load that fails
     leaves the model unchanged. Returns the model."""
     if isinstance(source, nn.Module):
-        check_peer_model(model, source)
+        detected = peer_layout(model, source)
         state = source.state_dict()
-        layout = layout or detect_layout(state)
+        if layout is None or {layout, detected} <= {"timm", TF_PORT_LAYOUT}:
+            layout = detected  # the object shows which of timm's two layouts it is
     elif isinstance(source, (str, os.PathLike)):
         state = _read(source)
     else:

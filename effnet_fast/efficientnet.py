@@ -4,8 +4,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .nn.layers import (ConvBNAct, DWConvBNSiLU, FusedConvBNAct, FusedDWConvBNSiLU, FusedSqueezeExcitation,
-                        MBConv, SqueezeExcitation)
+from .nn.layers import (PADDINGS, ConvBNAct, DWConvBNSiLU, FusedConvBNAct, FusedDWConvBNSiLU,
+                        FusedSqueezeExcitation, MBConv, SqueezeExcitation)
 from .ops.backends import check_fused_setting
 
 
@@ -55,6 +55,8 @@ VARIANTS = {
     "b6": Variant(1.8, 2.6, 528, 0.5, 1e-3, 0.01),
     "b7": Variant(2.0, 3.1, 600, 0.5, 1e-3, 0.01),
 }
+# The TF ports (padding="same", timm's tf_efficientnet_b*) keep TensorFlow's BatchNorm eps.
+TF_BN_EPS = 1e-3
 
 
 def round_channels(channels, width, divisor=8):
@@ -85,12 +87,16 @@ class EfficientNet(nn.Module):
       (see `EfficientNet.from_phi`).
     fused: False for the pure-PyTorch layers; True (or "auto") for the fastest built
       backend of the input's device; "cpu", "cuda" or "triton" to force one.
+    padding: "symmetric" (k // 2 on every side, as torchvision and timm's efficientnet_b*)
+      or "same", TensorFlow's 'same' padding computed from each input's size (asymmetric
+      for the stride-2 convs on even sizes) with BatchNorm eps 1e-3: the variant of the
+      original TF weights, timm's tf_efficientnet_b0..b7.
     Other arguments override the variant's defaults.
     """
 
     def __init__(self, version="b0", num_classes=1000, fused=False, *, width=None, depth=None,
                  resolution=None, dropout=None, stochastic_depth=0.2, bn_eps=None, bn_momentum=None,
-                 in_channels=3):
+                 in_channels=3, padding="symmetric"):
         super().__init__()
         if version is not None:
             key = str(version).lower()
@@ -102,16 +108,21 @@ class EfficientNet(nn.Module):
                 raise ValueError("a custom EfficientNet (version=None) needs width and depth")
             base = Variant(width, depth, resolution or 224, 0.2)
         check_fused_setting(fused)
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS} ('same': TensorFlow's, for the TF weights), "
+                             f"got {padding!r}")
         self.version = None if version is None else key
+        self.padding = padding
         self.width = width if width is not None else base.width
         self.depth = depth if depth is not None else base.depth
         self.resolution = resolution if resolution is not None else base.resolution
         self.in_channels = in_channels
-        bn = dict(bn_eps=base.bn_eps if bn_eps is None else bn_eps,
+        default_eps = TF_BN_EPS if padding == "same" else base.bn_eps
+        bn = dict(bn_eps=default_eps if bn_eps is None else bn_eps,
                   bn_momentum=base.bn_momentum if bn_momentum is None else bn_momentum)
 
         stem = round_channels(STEM_CHANNELS, self.width)
-        self.stem = ConvBNAct(in_channels, stem, 3, stride=2, **bn)
+        self.stem = ConvBNAct(in_channels, stem, 3, stride=2, padding=padding, **bn)
         self.blocks = self._build_blocks(stem, stochastic_depth, bn)
         last = round_channels(B0_STAGES[-1].channels, self.width)
         head = round_channels(HEAD_CHANNELS, self.width)
@@ -132,7 +143,8 @@ class EfficientNet(nn.Module):
             blocks = []
             for j in range(round_repeats(spec.repeats, self.depth)):
                 blocks.append(MBConv(in_channels, out_channels, spec.expand_ratio, spec.kernel_size,
-                                     spec.stride if j == 0 else 1, stochastic_depth * index / total, **bn))
+                                     spec.stride if j == 0 else 1, stochastic_depth * index / total,
+                                     padding=self.padding, **bn))
                 in_channels, index = out_channels, index + 1
             stages.append(nn.Sequential(*blocks))
         return nn.Sequential(*stages)
@@ -180,7 +192,7 @@ class EfficientNet(nn.Module):
 
     def extra_repr(self):
         return (f"version={self.version!r}, width={self.width}, depth={self.depth}, "
-                f"resolution={self.resolution}, fused={self.fused!r}")
+                f"resolution={self.resolution}, padding={self.padding!r}, fused={self.fused!r}")
 
 
 _FUSED = {DWConvBNSiLU: FusedDWConvBNSiLU, SqueezeExcitation: FusedSqueezeExcitation, ConvBNAct: FusedConvBNAct}

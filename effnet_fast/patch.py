@@ -1,5 +1,7 @@
 """Fused layers for the EfficientNets users already have: torchvision `efficientnet_b0..b7`
-and timm `efficientnet_b*` / `tf_efficientnet_b*`, swapped in place.
+and timm `efficientnet_b*` / `tf_efficientnet_b*`, swapped in place. The TF ports' strided
+depthwise convs (timm's Conv2dSame, TF 'same' padding) run the fused op with the
+asymmetric padding of each input's size; the report lists them.
 
 `patch(model)` replaces each supported block by an adapter: an instance of a subclass of
 the block's own class that shares the block's attribute dictionaries (children, parameters,
@@ -22,7 +24,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .nn.batch_norm import bn_silu
-from .nn.layers import FusedConvBNAct, FusedDWConvBNSiLU, FusedSqueezeExcitation, has_hooks, inner_modules
+from .nn.layers import (FusedConvBNAct, FusedDWConvBNSiLU, FusedSqueezeExcitation, has_hooks, inner_modules,
+                        is_same_padded)
 from .ops.backends import check_fused_setting
 from .ops.dwconv_bn_silu import KERNEL_SIZES, STRIDES
 
@@ -33,12 +36,17 @@ STRUCTURE = "_patch_structure"  # key of the children (and skip flag) the views 
 
 @dataclass
 class PatchReport:
-    """What `patch` replaced and what it left alone (module path, reason)."""
+    """What `patch` replaced and what it left alone (module path, reason); `same_padding`:
+    the depthwise convs with TF 'same' padding (Conv2dSame) that run fused."""
     replaced: list = field(default_factory=list)
     left_alone: list = field(default_factory=list)
+    same_padding: list = field(default_factory=list)
 
     def __str__(self):
         lines = [f"replaced {len(self.replaced)} modules, left {len(self.left_alone)} parts alone"]
+        if self.same_padding:
+            lines.append(f"  fused {len(self.same_padding)} depthwise convs with TF 'same' padding (Conv2dSame): "
+                         + ", ".join(self.same_padding))
         lines += [f"  left alone {path}: {why}" for path, why in self.left_alone]
         return "\n".join(lines)
 
@@ -76,8 +84,6 @@ def _patch_children(parent, prefix, backend, report):
             setattr(parent, name, adapter)
             report.replaced.append((path, type(child).__name__))
         else:
-            if type(child).__name__ == "Conv2dSame":
-                report.left_alone.append((path, _conv_problem(child)))
             _patch_children(child, path + ".", backend, report)
 
 
@@ -126,10 +132,14 @@ def kind_of(module):
 # --- what the fused ops compute exactly ------------------------------------------------
 
 def _conv_problem(conv, plain_only=False, depthwise=False, pointwise=False):
-    """None when the fused ops compute `conv` exactly, else the reason."""
-    if type(conv) is not nn.Conv2d:
+    """None when the fused ops compute `conv` exactly, else the reason. A conv with TF
+    'same' padding (Conv2dSame) is exact as a depthwise conv only, where the fused op
+    pads as it does."""
+    same = depthwise and is_same_padded(conv)
+    if type(conv) is not nn.Conv2d and not same:
         if type(conv).__name__ == "Conv2dSame":
-            return "Conv2dSame: TF 'same' padding, asymmetric for stride 2 (the fused ops pad symmetrically)"
+            return ("Conv2dSame: TF 'same' padding, asymmetric for stride 2 (fused only as a depthwise conv; "
+                    "the folded convs pad symmetrically)")
         return f"{type(conv).__name__}, not a plain nn.Conv2d"
     if conv.dilation != (1, 1):
         return f"dilated conv {conv.dilation}"
@@ -147,7 +157,7 @@ def _conv_problem(conv, plain_only=False, depthwise=False, pointwise=False):
             return f"kernel size {k} (fused: {KERNEL_SIZES})"
         if conv.stride[0] != conv.stride[1] or conv.stride[0] not in STRIDES:
             return f"stride {conv.stride} (fused: {STRIDES})"
-        if conv.padding != (k[0] // 2, k[0] // 2):
+        if conv.padding != ((0, 0) if same else (k[0] // 2, k[0] // 2)):
             return f"padding {conv.padding}, not k // 2"
     if pointwise and (k != (1, 1) or conv.stride != (1, 1) or conv.padding != (0, 0) or conv.groups != 1):
         return "not a 1x1 conv with stride 1, no padding, one group"
@@ -265,6 +275,8 @@ def _block_views(block, kind, path, backend, report):
         report.left_alone.append((f"{path} depthwise", problem))
     else:
         views["dw"] = _view(FusedDWConvBNSiLU, backend, conv=conv, bn=bn)
+        if is_same_padded(conv):
+            report.same_padding.append(f"{path} depthwise")
     problem = se_project_problem(parts)
     if problem:
         report.left_alone.append((f"{path} squeeze-excitation + projection", problem))

@@ -20,6 +20,32 @@ def as_supported_layout(x):
     return x.contiguous()
 
 
-def conv_out_size(size, kernel_size, stride):
-    """Output size of a conv with symmetric padding kernel_size // 2."""
-    return (size + 2 * (kernel_size // 2) - kernel_size) // stride + 1
+def conv_out_size(size, kernel_size, stride, padding=None):
+    """Output size of a conv padded by (before, after) zeros, or by kernel_size // 2 on
+    each side when `padding` is None."""
+    before, after = (kernel_size // 2, kernel_size // 2) if padding is None else padding
+    return (size + before + after - kernel_size) // stride + 1
+
+
+def conv_out_hw(height, width, kernel_size, stride, padding=None):
+    """(H_out, W_out) of a k x k conv padded by (top, bottom, left, right) zeros, or by
+    kernel_size // 2 on every side when `padding` is None."""
+    if padding is None:
+        return conv_out_size(height, kernel_size, stride), conv_out_size(width, kernel_size, stride)
+    top, bottom, left, right = padding
+    return (conv_out_size(height, kernel_size, stride, (top, bottom)),
+            conv_out_size(width, kernel_size, stride, (left, right)))
+
+
+def tf_same_padding(size, kernel_size, stride, dilation=1):
+    """(before, after) zeros of TensorFlow's 'same' padding along one dim of `size`:
+    the output has ceil(size / stride) positions, and an odd total pads one more after
+    (timm's Conv2dSame, computed at run time because it depends on the input size)."""
+    total = max((-(-size // stride) - 1) * stride + (kernel_size - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def tf_same_padding_2d(height, width, kernel_size, stride, dilation=1):
+    """(top, bottom, left, right) of TensorFlow's 'same' padding for a square kernel."""
+    return (*tf_same_padding(height, kernel_size, stride, dilation),
+            *tf_same_padding(width, kernel_size, stride, dilation))

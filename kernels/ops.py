@@ -17,25 +17,29 @@ _NS = NAMESPACE
 
 
 @torch.library.custom_op(f"{_NS}::dwconv_bn_silu_stats", mutates_args=())
-def dwconv_bn_silu_stats(x: Tensor, weight: Tensor, stride: int) -> tuple[Tensor, Tensor]:
-    return _dw.dwconv_bn_silu_stats(x, weight, stride)
+def dwconv_bn_silu_stats(x: Tensor, weight: Tensor, stride: int,
+                         padding: Optional[list[int]] = None) -> tuple[Tensor, Tensor]:
+    return _dw.dwconv_bn_silu_stats(x, weight, stride, padding)
 
 
 @torch.library.custom_op(f"{_NS}::dwconv_bn_silu_forward", mutates_args=())
-def dwconv_bn_silu_forward(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, stride: int) -> Tensor:
-    return _dw.dwconv_bn_silu_forward(x, weight, scale, shift, stride)
+def dwconv_bn_silu_forward(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, stride: int,
+                           padding: Optional[list[int]] = None) -> Tensor:
+    return _dw.dwconv_bn_silu_forward(x, weight, scale, shift, stride, padding)
 
 
 @torch.library.custom_op(f"{_NS}::dwconv_bn_silu_backward_reduce", mutates_args=())
 def dwconv_bn_silu_backward_reduce(grad_out: Tensor, x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor,
-                                   mean: Tensor, stride: int) -> tuple[Tensor, Tensor]:
-    return _dw.dwconv_bn_silu_backward_reduce(grad_out, x, weight, scale, shift, mean, stride)
+                                   mean: Tensor, stride: int,
+                                   padding: Optional[list[int]] = None) -> tuple[Tensor, Tensor]:
+    return _dw.dwconv_bn_silu_backward_reduce(grad_out, x, weight, scale, shift, mean, stride, padding)
 
 
 @torch.library.custom_op(f"{_NS}::dwconv_bn_silu_backward", mutates_args=())
 def dwconv_bn_silu_backward(grad_out: Tensor, x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor,
-                            coef_a: Tensor, coef_b: Tensor, coef_c: Tensor, stride: int) -> tuple[Tensor, Tensor]:
-    return _dw.dwconv_bn_silu_backward(grad_out, x, weight, scale, shift, coef_a, coef_b, coef_c, stride)
+                            coef_a: Tensor, coef_b: Tensor, coef_c: Tensor, stride: int,
+                            padding: Optional[list[int]] = None) -> tuple[Tensor, Tensor]:
+    return _dw.dwconv_bn_silu_backward(grad_out, x, weight, scale, shift, coef_a, coef_b, coef_c, stride, padding)
 
 
 @torch.library.custom_op(f"{_NS}::bn_silu_stats", mutates_args=())

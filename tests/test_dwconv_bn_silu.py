@@ -5,7 +5,7 @@ import torch
 from backend_cases import GRADCHECK_BACKENDS, assert_close, backend_params, forward_backward_pair
 from effnet_fast.nn import DWConvBNSiLU, FusedDWConvBNSiLU
 from effnet_fast.ops import dwconv_bn_silu, dwconv_bn_silu_fn, kernels
-from effnet_fast.ops.common import acc_dtype
+from effnet_fast.ops.common import acc_dtype, tf_same_padding_2d
 
 # (N, C, H, W, kernel, stride): every depthwise class of B0-B7 (k 3/5, stride 1/2),
 # odd and tiny planes, batch 1.
@@ -28,17 +28,17 @@ def cases_for(device):
     return CUDA_CASES if device == "cuda" else CASES
 
 
-def make_pair(c, k, stride, dtype, device, backend, momentum=0.1):
+def make_pair(c, k, stride, dtype, device, backend, momentum=0.1, padding="symmetric"):
     """A float32/64 reference layer and a fused layer in `dtype` with the same random state."""
     acc = acc_dtype(dtype)
-    ref = DWConvBNSiLU(c, k, stride, bn_momentum=momentum).to(device, acc)
+    ref = DWConvBNSiLU(c, k, stride, bn_momentum=momentum, padding=padding).to(device, acc)
     with torch.no_grad():
         ref.conv.weight.copy_(torch.randn_like(ref.conv.weight) * 0.3)
         ref.bn.weight.uniform_(0.5, 1.5)
         ref.bn.bias.uniform_(-0.5, 0.5)
         ref.bn.running_mean.uniform_(-0.5, 0.5)
         ref.bn.running_var.uniform_(0.5, 2.0)
-    fused = FusedDWConvBNSiLU(c, k, stride, bn_momentum=momentum, backend=backend).to(device, dtype)
+    fused = FusedDWConvBNSiLU(c, k, stride, bn_momentum=momentum, backend=backend, padding=padding).to(device, dtype)
     fused.load_state_dict(ref.state_dict())
     # The reference sees exactly the values the fused layer holds (rounded to dtype).
     ref.load_state_dict({name: t.to(acc) if t.is_floating_point() else t
@@ -223,3 +223,163 @@ def test_saturated_silu_stays_finite(backend, device):
     want = ref_k.dwconv_bn_silu_backward(g, x, wt, one, zero, one, zero, zero, 1)
     assert_close(got[0], want[0], torch.float32, "grad input")
     assert_close(got[1], want[1], torch.float32, "grad weight", scale=5)
+
+
+# TF 'same' padding: (N, C, H, W, kernel, stride) with odd and even sizes, so that the
+# padding is symmetric (odd) or one less at the top / left (even) along each dim.
+SAME_CASES = [
+    (2, 4, 8, 8, 3, 2),
+    (2, 4, 7, 6, 3, 2),
+    (2, 4, 6, 9, 5, 2),
+    (1, 3, 9, 7, 5, 2),
+    (2, 4, 2, 3, 5, 2),
+    (2, 4, 6, 5, 5, 1),
+]
+# Every (top, bottom, left, right) the kernel ops accept for k = 3, and some for k = 5.
+PADDINGS = {3: [(0, 1, 0, 1), (1, 0, 0, 0), (0, 0, 1, 1), (1, 1, 0, 1)],
+            5: [(1, 2, 1, 2), (2, 1, 0, 2), (0, 0, 2, 1), (2, 2, 2, 2)]}
+
+
+@pytest.mark.parametrize("backend,device,dtype", backend_params(with_dtypes=True))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_same_padding_matches_reference(backend, device, dtype, channels_last, train):
+    """The fused layer with TF 'same' padding (a Conv2dSame) against the reference layer."""
+    torch.manual_seed(6)
+    cases = [(8, 32, 56, 56, 5, 2), (8, 16, 57, 58, 3, 2)] if device == "cuda" else SAME_CASES
+    for n, c, h, w, k, stride in cases:
+        ref, fused = make_pair(c, k, stride, dtype, device, backend, padding="same")
+        assert type(fused.conv).__name__ == ("Conv2dSame" if stride == 2 else "Conv2d")
+        compare_step(ref, fused, random_input(n, c, h, w, dtype, device, channels_last), dtype, train)
+        assert_close(fused.bn.running_mean, ref.bn.running_mean,
+                     dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32, "running_mean")
+
+
+def test_same_padding_reference_layer_is_tensorflows():
+    """The reference layer pads as TensorFlow: for stride 2 an even size gets one zero less
+    at the top / left than at the bottom / right, an odd size k // 2 on both sides."""
+    ref = DWConvBNSiLU(2, 3, 2, padding="same").eval()
+    x = torch.randn(1, 2, 6, 7)
+    padded = torch.nn.functional.pad(x, (1, 1, 0, 1))  # W = 7: 1 and 1; H = 6: 0 and 1
+    expected = torch.nn.functional.silu(ref.bn(torch.nn.functional.conv2d(padded, ref.conv.weight, stride=2,
+                                                                          groups=2)))
+    torch.testing.assert_close(ref(x), expected)
+    assert tf_same_padding_2d(6, 7, 3, 2) == (0, 1, 1, 1) and tf_same_padding_2d(8, 8, 5, 2) == (1, 2, 1, 2)
+    assert tf_same_padding_2d(9, 9, 5, 1) == (2, 2, 2, 2) and tf_same_padding_2d(1, 1, 5, 2) == (2, 2, 2, 2)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_kernel_ops_asymmetric_padding(backend, device, channels_last):
+    """Each kernel op with explicit asymmetric padding against the reference kernels, and the
+    reference kernels against F.pad + conv2d, on odd and even sizes."""
+    torch.manual_seed(7)
+    ref_k, k = kernels("reference"), kernels(backend)
+    for ks, pads in PADDINGS.items():
+        for stride, (h, w) in ((2, (7, 8)), (1, (6, 5)), (2, (9, 10))):
+            for padding in pads:
+                n, c = 2, 3
+                x = torch.randn(n, c, h, w, device=device)
+                if channels_last:
+                    x = x.to(memory_format=torch.channels_last)
+                wt = torch.randn(c, 1, ks, ks, device=device)
+                scale, shift, mean, ca, cb, cc = (torch.randn(c, device=device) for _ in range(6))
+                top, bottom, left, right = padding
+                y = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (left, right, top, bottom)), wt,
+                                               stride=stride, groups=c)
+                where = f"k={ks} stride={stride} {h}x{w} padding={padding}"
+                out_ref = ref_k.dwconv_bn_silu_forward(x, wt, scale, shift, stride, list(padding))
+                assert_close(out_ref, torch.nn.functional.silu(y * scale[:, None, None] + shift[:, None, None]),
+                             torch.float32, f"reference forward {where}")
+                g = torch.randn_like(out_ref)
+                args = (stride, list(padding))
+                checks = {
+                    "stats": (k.dwconv_bn_silu_stats(x, wt, *args), ref_k.dwconv_bn_silu_stats(x, wt, *args)),
+                    "forward": ((k.dwconv_bn_silu_forward(x, wt, scale, shift, *args),), (out_ref,)),
+                    "backward_reduce": (k.dwconv_bn_silu_backward_reduce(g, x, wt, scale, shift, mean, *args),
+                                        ref_k.dwconv_bn_silu_backward_reduce(g, x, wt, scale, shift, mean, *args)),
+                    "backward": (k.dwconv_bn_silu_backward(g, x, wt, scale, shift, ca, cb, cc, *args),
+                                 ref_k.dwconv_bn_silu_backward(g, x, wt, scale, shift, ca, cb, cc, *args)),
+                }
+                for name, (got, want) in checks.items():
+                    for i, (a, e) in enumerate(zip(got, want)):
+                        assert a.shape == e.shape, f"{name}[{i}] {where}"
+                        assert_close(a, e, torch.float32, f"{name}[{i}] {where}", scale=5)
+
+
+def test_reference_backward_matches_autograd_with_padding():
+    """The reference kernels' grad_x and grad_weight for asymmetric padding are autograd's."""
+    torch.manual_seed(8)
+    ref_k = kernels("reference")
+    x = torch.randn(2, 3, 8, 7, dtype=torch.float64, requires_grad=True)
+    wt = torch.randn(3, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+    scale, shift, ca, cb, cc = (torch.randn(3, dtype=torch.float64) for _ in range(5))
+    padding = [1, 2, 2, 1]
+    y = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (2, 1, 1, 2)), wt, stride=2, groups=3)
+    z = y * scale[:, None, None] + shift[:, None, None]
+    g = torch.randn_like(y)
+    dz = g * torch.autograd.grad(torch.nn.functional.silu(z), z, torch.ones_like(z), retain_graph=True)[0]
+    dy = ca[:, None, None] * dz + cb[:, None, None] * y + cc[:, None, None]
+    want = torch.autograd.grad(y, (x, wt), dy.detach())
+    got = ref_k.dwconv_bn_silu_backward(g, x.detach(), wt.detach(), scale, shift, ca, cb, cc, 2, padding)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] in GRADCHECK_BACKENDS])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("k,padding", [(3, (0, 1, 0, 1)), (5, (1, 2, 2, 1))])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_gradcheck_asymmetric_padding(backend, device, train, k, padding, channels_last):
+    torch.manual_seed(9)
+    dt = dict(dtype=torch.float64, device=device)
+    x = torch.randn(1, 2, 5, 4, **dt)  # small: gradcheck runs the op twice per input element
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.randn(2, 1, k, k, **dt, requires_grad=True)
+    g = torch.rand(2, **dt).add(0.5).requires_grad_()
+    b = torch.randn(2, **dt, requires_grad=True)
+    rm, rv = torch.randn(2, **dt), torch.rand(2, **dt) + 0.5
+
+    def fn(x, w, g, b):
+        return dwconv_bn_silu_fn(x, w, g, b, rm, rv, train, 1e-5, 2, backend, padding=padding)[0]
+
+    assert torch.autograd.gradcheck(fn, (x, w, g, b), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_opcheck_asymmetric_padding(backend, device):
+    torch.manual_seed(10)
+    x = torch.randn(2, 4, 6, 5, device=device, requires_grad=True)
+    w = torch.randn(4, 1, 3, 3, device=device, requires_grad=True)
+    g, b = torch.rand(4, device=device, requires_grad=True), torch.randn(4, device=device, requires_grad=True)
+    rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
+    for train in (True, False):
+        torch.library.opcheck(torch.ops.effnet_fast.dwconv_bn_silu.default,
+                              (x, w, g, b, rm, rv, train, 1e-5, 2, backend, "", [0, 1, 1, 1]))
+
+
+def test_bad_padding_raises_clear_errors():
+    layer = FusedDWConvBNSiLU(4, 3, 2, backend="reference")
+    args = (layer.conv.weight, layer.bn.weight, layer.bn.bias, layer.bn.running_mean, layer.bn.running_var,
+            False, 1e-5, 2, "reference")
+    x = torch.randn(1, 4, 6, 6)
+    with pytest.raises(ValueError, match=r"padding must be \(top, bottom, left, right\)"):
+        dwconv_bn_silu_fn(x, *args, padding=(0, 1))
+    with pytest.raises(ValueError, match=r"\[0, k // 2 = 1\]"):
+        dwconv_bn_silu_fn(x, *args, padding=(0, 2, 0, 1))
+    with pytest.raises(ValueError, match="smaller than the 3x3 kernel"):
+        dwconv_bn_silu_fn(torch.randn(1, 4, 1, 6), *args, padding=(0, 0, 1, 1))
+    with pytest.raises(ValueError, match="padding must be one of"):
+        FusedDWConvBNSiLU(4, 3, 2, padding="valid")
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] != "reference"])
+def test_kernel_ops_refuse_bad_padding(backend, device):
+    k = kernels(backend)
+    x, w = torch.randn(1, 4, 5, 5, device=device), torch.randn(4, 1, 3, 3, device=device)
+    for x_in, padding, message in ((x, [0, 2, 0, 0], r"k // 2 = 1\]"), (x, [0, 1], r"\(top, bottom, left, right\)"),
+                                   (x[:, :, :1], [0, 0, 1, 1], "smaller than the 3x3 kernel")):
+        with pytest.raises((RuntimeError, ValueError), match=message):
+            k.dwconv_bn_silu_stats(x_in, w, 1, padding)

@@ -165,17 +165,24 @@ def test_unpatch_restores_the_original_modules(family):
     assert all(m.training for m in model.modules())
 
 
-def test_tf_efficientnet_b0_leaves_conv2d_same_alone():
-    original, patched, report = pair("tf_efficientnet", "b0", False)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_tf_efficientnet_b0_fuses_conv2d_same(channels_last):
+    """The TF port's strided depthwise convs (Conv2dSame) run the fused op with TF 'same'
+    padding: outputs, gradients and BN statistics equal to the unpatched model, nothing
+    left alone, and the report names them."""
+    original, patched, report = pair("tf_efficientnet", "b0", channels_last)
     same = [name for name, m in original.named_modules() if type(m).__name__ == "Conv2dSame"]
     assert len(same) == 5
-    named = [path for path, why in report.left_alone if "Conv2dSame" in why]
-    assert sorted(named) == sorted(["conv_stem"] + [name.removesuffix(".conv_dw") + " depthwise"
-                                                    for name in same if name != "conv_stem"])
+    assert len(report.replaced) == BLOCKS_B0 + 2 and not report.left_alone, report
+    assert sorted(report.same_padding) == sorted(name.removesuffix(".conv_dw") + " depthwise"
+                                                 for name in same if name != "conv_stem")
+    assert "TF 'same' padding" in str(report)
     assert [type(m).__name__ for name, m in patched.named_modules() if name in same] == ["Conv2dSame"] * 5
     assert_blocks_patched(patched, BLOCKS_B0)
-    check_eval(original, patched, False)
-    check_training_step(original, patched, False)
+    strided = patched.get_submodule(same[1].removesuffix(".conv_dw"))
+    assert type(strided._views()["dw"]).__name__ == "FusedDWConvBNSiLU"
+    check_eval(original, patched, channels_last)
+    check_training_step(original, patched, channels_last)
 
 
 def test_unsupported_layers_are_left_alone():

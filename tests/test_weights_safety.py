@@ -1,4 +1,5 @@
-"""Loading weights: only tensors are unpickled, TF ports are refused, a failed load
+"""Loading weights: only tensors are unpickled, TF ports are refused by the symmetric-padding
+model (they load into EfficientNet(..., padding="same"), tests/test_tf_same.py), a failed load
 changes nothing, strict=False holds for every layout (defects 1, 5 and 7)."""
 import os
 
@@ -30,7 +31,7 @@ def test_tf_ported_timm_model_is_refused():
     """Defect 5: tf_efficientnet_* needs 'same' padding and eps 1e-3; loading it must fail clearly."""
     timm = pytest.importorskip("timm")
     tf_port = timm.create_model("tf_efficientnet_b0", pretrained=False)
-    with pytest.raises(ValueError, match="Conv2dSame.*TF"):
+    with pytest.raises(ValueError, match="Conv2dSame.*TF.*padding=\"same\""):
         load_weights(EfficientNet("b0"), tf_port)
 
 

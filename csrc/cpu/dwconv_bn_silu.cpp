@@ -3,6 +3,8 @@
 // The conv output y is never stored: every kernel recomputes it from x where
 // it needs it, so each op is one pass over its inputs.
 //
+// Padding: (top, bottom, left, right), each at most K / 2 (csrc/dw_padding.h).
+//
 // NCHW: tasks are (n, c) planes. A plane is first copied into a zero-padded
 // scratch plane in acc_t (split into even and odd columns for stride 2), so the
 // row loops need no bounds checks and read contiguous vectors along W.
@@ -11,6 +13,7 @@
 //
 // Reductions (statistics, sums, grad_weight) keep per-task partials that are
 // combined in a fixed order, so results do not depend on the thread count.
+#include "../dw_padding.h"
 #include "activation_cache.h"
 #include "cpu_utils.h"
 
@@ -20,11 +23,14 @@
 namespace effnet_fast::cpu {
 namespace {
 
+// PT / PL: zeros above / left of the input (at most K / 2); the bottom and right
+// padding only shows in OH and OW (reads past H or W are zeros).
 struct Geometry {
-  int64_t N, C, H, W, K, S, P, OH, OW;
+  int64_t N, C, H, W, K, S, PT, PL, OH, OW;
 };
 
-Geometry check_conv_inputs(const at::Tensor& x, const at::Tensor& weight, int64_t stride, const char* op) {
+Geometry check_conv_inputs(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
+                           at::OptionalIntArrayRef padding, const char* op) {
   check_input(x, op);
   const int64_t C = x.size(1);
   TORCH_CHECK(weight.device() == x.device(), op, ": weight is on ", weight.device(), ", x on ", x.device());
@@ -36,8 +42,9 @@ Geometry check_conv_inputs(const at::Tensor& x, const at::Tensor& weight, int64_
   const int64_t k = weight.size(3);
   TORCH_CHECK(k == 3 || k == 5, op, ": unsupported kernel size ", k, "; supported: 3, 5");
   TORCH_CHECK(stride == 1 || stride == 2, op, ": unsupported stride ", stride, "; supported: 1, 2");
-  const int64_t H = x.size(2), W = x.size(3), P = k / 2;
-  return {x.size(0), C, H, W, k, stride, P, (H + 2 * P - k) / stride + 1, (W + 2 * P - k) / stride + 1};
+  const int64_t H = x.size(2), W = x.size(3);
+  const DwPadding pad = dw_padding(padding, k, stride, H, W, op);
+  return {x.size(0), C, H, W, k, stride, pad.top, pad.left, pad.out_h, pad.out_w};
 }
 
 // Calls fn(integral_constant K, integral_constant S) with the compile-time kernel size and stride.
@@ -78,8 +85,9 @@ constexpr int64_t lanes() {
 template <typename acc_t>
 Scratch<acc_t> input_scratch(const Geometry& g) {
   constexpr int64_t V = lanes<acc_t>();
-  const int64_t width = std::max(round_up(g.OW, V) + g.K, (g.W + 2 * g.P) / g.S + 2) + 2 * V;
-  return Scratch<acc_t>(g.S, g.H + 2 * g.P, width);
+  const int64_t P = g.K / 2;  // the most padding on any side
+  const int64_t width = std::max(round_up(g.OW, V) + g.K, (g.W + 2 * P) / g.S + 2) + 2 * V;
+  return Scratch<acc_t>(g.S, g.H + 2 * P, width);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -89,13 +97,13 @@ void load_padded_plane(Scratch<acc_t>& pad, const scalar_t* plane, const Geometr
   for (int64_t r = 0; r < g.H; ++r) {
     const scalar_t* src = plane + r * g.W;
     if (g.S == 1) {
-      acc_t* dst = pad.row(r + g.P) + g.P;
+      acc_t* dst = pad.row(r + g.PT) + g.PL;
       for (int64_t col = 0; col < g.W; col += V) load_acc<acc_t>(src + col, std::min(V, g.W - col)).store(dst + col);
       continue;
     }
-    // Column col = 2m + e of x is padded column q = col + P: array (e + P) % 2, index m + (e + P) / 2.
-    acc_t* even_dst = pad.row(r + g.P, g.P % 2) + g.P / 2;
-    acc_t* odd_dst = pad.row(r + g.P, (1 + g.P) % 2) + (1 + g.P) / 2;
+    // Column col = 2m + e of x is padded column q = col + PL: array (e + PL) % 2, index m + (e + PL) / 2.
+    acc_t* even_dst = pad.row(r + g.PT, g.PL % 2) + g.PL / 2;
+    acc_t* odd_dst = pad.row(r + g.PT, (1 + g.PL) % 2) + (1 + g.PL) / 2;
     for (int64_t col = 0; col < g.W; col += 2 * V) {
       const int64_t cnt = std::min(2 * V, g.W - col);
       const Vec a = load_acc<acc_t>(src + col, std::min(V, cnt));
@@ -246,16 +254,21 @@ void backward_reduce_nchw(const scalar_t* grad, const scalar_t* x, const acc_t* 
   });
 }
 
-// grad_x row ih of one plane from dy held in `dys` at (oh + P, ow + P).
-// Stride 1: tap (kh, kw) reads dy[ih + P - kh][iw + P - kw].
+// The zero margin around dy in the grad_x pass: output rows and columns from -(K - 1)
+// to O + K - 2 are read, whatever the padding.
+template <int K>
+constexpr int kDyMargin = K - 1;
+
+// grad_x row ih of one plane from dy held in `dys` at (oh + M, ow + M), M = kDyMargin.
+// Stride 1: tap (kh, kw) reads dy[ih + PT - kh][iw + PL - kw].
 template <int K, typename scalar_t, typename acc_t>
 void grad_input_row_s1(Scratch<acc_t>& dys, const Vectorized<acc_t>* w, int64_t ih, scalar_t* dst,
                        const Geometry& g) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  constexpr int P = K / 2;
+  constexpr int M = kDyMargin<K>;
   const acc_t* rows[K];
-  for (int kh = 0; kh < K; ++kh) rows[kh] = dys.row(ih + 2 * P - kh) + 2 * P;
+  for (int kh = 0; kh < K; ++kh) rows[kh] = dys.row(ih + g.PT - kh + M) + g.PL + M;
   for (int64_t iw = 0; iw < g.W; iw += V) {
     Vec acc0(acc_t(0)), acc1(acc_t(0));
     for (int kh = 0; kh < K; ++kh)
@@ -267,27 +280,31 @@ void grad_input_row_s1(Scratch<acc_t>& dys, const Vectorized<acc_t>* w, int64_t 
   }
 }
 
-// Stride 2: row ih = 2i + F and column iw = 2j + E take the taps with kh = F + P
-// and kw = E + P (mod 2), reading dy[i + (F + P - kh) / 2][j + (E + P - kw) / 2].
-// Both column parities are computed, then interleaved into the row.
-template <int K, int F, typename scalar_t, typename acc_t>
-void grad_input_row_s2(Scratch<acc_t>& dys, const Vectorized<acc_t>* w, int64_t i, scalar_t* dst,
+// Stride 2: row ih takes the taps kh with ih + PT - kh even, from dy row
+// (ih + PT - kh) / 2; column iw = 2j + E the taps kw with E + PL - kw even, from dy
+// column j + (E + PL - kw) / 2. LP = PL % 2 decides at compile time which taps feed the
+// even and which the odd columns. Both column parities are computed, then interleaved
+// into the row.
+template <int K, int LP, typename scalar_t, typename acc_t>
+void grad_input_row_s2(Scratch<acc_t>& dys, const Vectorized<acc_t>* w, int64_t ih, scalar_t* dst,
                        const Geometry& g) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  constexpr int P = K / 2;
+  constexpr int M = kDyMargin<K>;
   const acc_t* rows[K];
-  for (int kh = 0; kh < K; ++kh)
-    rows[kh] = ((F + P - kh) & 1) ? nullptr : dys.row(i + (F + P - kh) / 2 + P) + P;
+  for (int kh = 0; kh < K; ++kh) {
+    const int64_t t = ih + g.PT - kh;  // even t: output row t / 2 (exact, also below 0)
+    rows[kh] = (t & 1) ? nullptr : dys.row(t / 2 + M) + (g.PL - LP) / 2 + M;
+  }
   for (int64_t j = 0; 2 * j < g.W; j += V) {
     Vec even(acc_t(0)), odd(acc_t(0));
     for (int kh = 0; kh < K; ++kh) {
-      if ((F + P - kh) & 1) continue;
+      if (rows[kh] == nullptr) continue;
       for (int kw = 0; kw < K; ++kw) {
-        if ((P - kw) & 1) {
-          odd = at::vec::fmadd(Vec::loadu(rows[kh] + j + (1 + P - kw) / 2), w[kh * K + kw], odd);
+        if ((LP - kw) & 1) {
+          odd = at::vec::fmadd(Vec::loadu(rows[kh] + j + (1 + LP - kw) / 2), w[kh * K + kw], odd);
         } else {
-          even = at::vec::fmadd(Vec::loadu(rows[kh] + j + (P - kw) / 2), w[kh * K + kw], even);
+          even = at::vec::fmadd(Vec::loadu(rows[kh] + j + (LP - kw) / 2), w[kh * K + kw], even);
         }
       }
     }
@@ -305,11 +322,11 @@ void backward_nchw(const scalar_t* grad, const scalar_t* x, const acc_t* w, cons
                    scalar_t* grad_x, double* plane_gw, const Geometry& g) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  constexpr int P = K / 2;
+  constexpr int M = kDyMargin<K>;
   at::parallel_for(0, g.N * g.C, 1, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> pad = input_scratch<acc_t>(g);
-    // dy at (oh + P, ow + P) with a zero margin of P on every side.
-    Scratch<acc_t> dys(1, g.OH + 2 * P + 1, round_up(std::max(g.OW, g.W), V) + 2 * P + 2 * V);
+    // dy at (oh + M, ow + M) with a zero margin of M on every side.
+    Scratch<acc_t> dys(1, g.OH + 2 * M + 1, round_up(std::max(g.OW, g.W), V) + 2 * M + 2 * V);
     for (int64_t plane = begin; plane < end; ++plane) {
       load_padded_plane(pad, x + plane * g.H * g.W, g);
       const int64_t c = plane % g.C;
@@ -320,7 +337,7 @@ void backward_nchw(const scalar_t* grad, const scalar_t* x, const acc_t* w, cons
       for (int64_t oh = 0; oh < g.OH; ++oh) {
         const RowTaps<K, S, acc_t> taps(pad, oh);
         const scalar_t* grow = grad + (plane * g.OH + oh) * g.OW;
-        acc_t* dy_row = dys.row(oh + P) + P;
+        acc_t* dy_row = dys.row(oh + M) + M;
         for (int64_t ow = 0; ow < g.OW; ow += V) {
           const int64_t cnt = std::min(V, g.OW - ow);
           const Vec y = taps.conv(wv.data(), ow);
@@ -337,10 +354,10 @@ void backward_nchw(const scalar_t* grad, const scalar_t* x, const acc_t* w, cons
       for (int64_t ih = 0; ih < g.H; ++ih) {
         if constexpr (S == 1) {
           grad_input_row_s1<K>(dys, wv.data(), ih, gx + ih * g.W, g);
-        } else if (ih % 2 == 0) {
-          grad_input_row_s2<K, 0>(dys, wv.data(), ih / 2, gx + ih * g.W, g);
+        } else if (g.PL % 2 == 0) {
+          grad_input_row_s2<K, 0>(dys, wv.data(), ih, gx + ih * g.W, g);
         } else {
-          grad_input_row_s2<K, 1>(dys, wv.data(), ih / 2, gx + ih * g.W, g);
+          grad_input_row_s2<K, 1>(dys, wv.data(), ih, gx + ih * g.W, g);
         }
       }
     }
@@ -370,7 +387,7 @@ struct Window {
 };
 
 EFFNET_ALWAYS_INLINE Window window_of(const Geometry& g, int64_t oh, int64_t ow, int64_t c) {
-  const int64_t ih0 = oh * g.S - g.P, iw0 = ow * g.S - g.P;
+  const int64_t ih0 = oh * g.S - g.PT, iw0 = ow * g.S - g.PL;
   return {int(std::max<int64_t>(0, -ih0)), int(std::min<int64_t>(g.K, g.H - ih0)),
           int(std::max<int64_t>(0, -iw0)), int(std::min<int64_t>(g.K, g.W - iw0)),
           (ih0 * g.W + iw0) * g.C + c};
@@ -538,7 +555,7 @@ inline int64_t floor_div(int64_t a, int64_t b) {
 }
 
 // dy of the output rows [ob, ot] a block of input rows reaches, with a zero
-// margin: row oh - ob, column ow + P, rows outside the image all zero.
+// margin: row oh - ob, column ow + kDyMargin, rows outside the image all zero.
 template <typename acc_t>
 struct DyBlock {
   int64_t ob, rows, cols, C;
@@ -549,7 +566,7 @@ struct DyBlock {
 // Zeroes what the dy pass does not write: rows outside the image and the margin columns.
 template <typename acc_t>
 void zero_margins(DyBlock<acc_t>& dy, const Geometry& g) {
-  const int64_t row_len = dy.cols * dy.C, margin = g.P * dy.C;
+  const int64_t row_len = dy.cols * dy.C, margin = (g.K - 1) * dy.C;
   for (int64_t r = 0; r < dy.rows; ++r) {
     acc_t* row = dy.buf.data() + r * row_len;
     const int64_t oh = dy.ob + r;
@@ -562,29 +579,31 @@ void zero_margins(DyBlock<acc_t>& dy, const Geometry& g) {
   }
 }
 
-// grad_x of input row ih = S * i + F at the columns iw = S * j + E: the taps with
-// kh = F + P and kw = E + P (mod S) read dy[i + (F + P - kh) / S][j + (E + P - kw) / S]
-// (the zero margins of `dy` stand for the outputs outside the image).
-template <int K, int S, int F, int E, typename scalar_t, typename acc_t>
-void grad_input_pixels(DyBlock<acc_t>& dy, const Vectorized<acc_t>* w, int64_t ih, scalar_t* dst,
+// grad_x of input row ih at the columns iw = E, E + S, ...: tap kh counts when
+// ih + PT - kh is a multiple of S and reads dy row (ih + PT - kh) / S; tap kw counts
+// when E + PL - kw is and reads dy column (iw + PL - kw) / S. CE = (E + PL) % S picks
+// the column taps at compile time. The zero margins of `dy` stand for the outputs
+// outside the image.
+template <int K, int S, int CE, typename scalar_t, typename acc_t>
+void grad_input_pixels(DyBlock<acc_t>& dy, const Vectorized<acc_t>* w, int64_t ih, int64_t E, scalar_t* dst,
                        const Geometry& g, int64_t c, int64_t cnt) {
   using Vec = Vectorized<acc_t>;
-  constexpr int P = K / 2;
-  const int64_t i = ih / S;
+  constexpr int M = kDyMargin<K>;
   const acc_t* rows[K];
-  for (int kh = 0; kh < K; ++kh)
-    rows[kh] = (F + P - kh) % S ? nullptr : dy.at(i + (F + P - kh) / S, P) + c;
-  for (int64_t iw = E; iw < g.W; iw += S) {
-    const int64_t j = iw / S;
+  for (int kh = 0; kh < K; ++kh) {
+    const int64_t t = ih + g.PT - kh;
+    rows[kh] = t % S ? nullptr : dy.at(t / S, M + (E + g.PL - CE) / S) + c;
+  }
+  for (int64_t iw = E, m = 0; iw < g.W; iw += S, ++m) {
     Vec acc0(acc_t(0)), acc1(acc_t(0));
 #pragma GCC unroll 5
     for (int kh = 0; kh < K; ++kh) {
-      if ((F + P - kh) % S) continue;
+      if (rows[kh] == nullptr) continue;
 #pragma GCC unroll 5
       for (int kw = 0; kw < K; ++kw) {
-        if ((E + P - kw) % S) continue;
+        if ((CE - kw) % S) continue;
         Vec& acc = ((kh * K + kw) & 1) ? acc1 : acc0;
-        acc = at::vec::fmadd(Vec::loadu(rows[kh] + (j + (E + P - kw) / S) * g.C, cnt), w[kh * K + kw], acc);
+        acc = at::vec::fmadd(Vec::loadu(rows[kh] + (m + (CE - kw) / S) * g.C, cnt), w[kh * K + kw], acc);
       }
     }
     store_acc(dst + iw * g.C, acc0 + acc1, cnt);
@@ -593,24 +612,25 @@ void grad_input_pixels(DyBlock<acc_t>& dy, const Vectorized<acc_t>* w, int64_t i
 
 // grad_x and per-task grad_weight (task_gw[task][K * K][C]). Task t covers
 // input rows [ih0, ih1) of image n; it owns output rows [ceil(ih0 / S), ceil(ih1 / S))
-// for grad_weight, which partition [0, OH) since OH = ceil(H / S).
+// for grad_weight (up to OH), which partition [0, OH) since OH <= ceil(H / S) (no side
+// pads more than K / 2).
 template <int K, typename scalar_t, typename acc_t>
 void backward_nhwc(const scalar_t* grad, const scalar_t* x, const acc_t* wt, const acc_t* scale,
                    const acc_t* shift, const acc_t* coef_a, const acc_t* coef_b, const acc_t* coef_c,
                    scalar_t* grad_x, double* task_gw, const Geometry& geo) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  constexpr int P = K / 2;
+  constexpr int M = kDyMargin<K>;
   const int64_t blocks = (geo.H + kBackwardRows - 1) / kBackwardRows;
   at::parallel_for(0, geo.N * blocks, 1, [&](int64_t begin, int64_t end) {
     const Geometry g = geo;  // a local copy: vector stores may alias anything
     const int64_t S = g.S, C = g.C;
-    DyBlock<acc_t> dy{0, 0, g.OW + 2 * P, C, {}};
+    DyBlock<acc_t> dy{0, 0, g.OW + 2 * M, C, {}};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks, ih0 = (task % blocks) * kBackwardRows;
       const int64_t ih1 = std::min(g.H, ih0 + kBackwardRows);
-      dy.ob = floor_div(ih0 - P, S);
-      dy.rows = floor_div(ih1 - 1 + P, S) - dy.ob + 1;
+      dy.ob = floor_div(ih0 + g.PT - (K - 1), S);
+      dy.rows = floor_div(ih1 - 1 + g.PT, S) - dy.ob + 1;
       dy.buf.resize(dy.rows * dy.cols * C);
       zero_margins(dy, g);
       const int64_t oh_lo = std::max<int64_t>(0, dy.ob), oh_hi = std::min(g.OH, dy.ob + dy.rows);
@@ -626,7 +646,7 @@ void backward_nhwc(const scalar_t* grad, const scalar_t* x, const acc_t* wt, con
           for (int64_t ow = 0; ow < g.OW; ++ow) {
             const Vec y = conv_pixel<K>(image, g, oh, ow, c, tw.w, cnt);
             const Vec dz = load_acc<acc_t>(grow + ow * C + c, cnt) * silu_grad(at::vec::fmadd(y, sc, sh));
-            at::vec::fmadd(ca, dz, at::vec::fmadd(cb, y, cc)).store(dy.at(oh, ow + P) + c, cnt);
+            at::vec::fmadd(ca, dz, at::vec::fmadd(cb, y, cc)).store(dy.at(oh, ow + M) + c, cnt);
           }
         }
       }
@@ -639,7 +659,7 @@ void backward_nhwc(const scalar_t* grad, const scalar_t* x, const acc_t* wt, con
         for (auto& v : gw) v = Vec(acc_t(0));
         for (int64_t oh = own_lo; oh < own_hi; ++oh)
           for (int64_t ow = 0; ow < g.OW; ++ow) {
-            const Vec d = Vec::loadu(dy.at(oh, ow + P) + c, cnt);
+            const Vec d = Vec::loadu(dy.at(oh, ow + M) + c, cnt);
             const Window win = window_of(g, oh, ow, c);
             auto add = [&](int kh, int kw, const scalar_t* p) {
               gw[kh * K + kw] = at::vec::fmadd(d, load_acc<acc_t>(p, cnt), gw[kh * K + kw]);
@@ -648,20 +668,22 @@ void backward_nhwc(const scalar_t* grad, const scalar_t* x, const acc_t* wt, con
           }
         for (int i = 0; i < K * K; ++i) store_lanes(gw_out + i * C + c, gw[i], cnt);
       }
-      // grad_x[ih][iw] = sum of w[kh][kw] * dy[oh][ow] over ih = oh * S - P + kh, iw = ow * S - P + kw.
+      // grad_x[ih][iw] = sum of w[kh][kw] * dy[oh][ow] over ih = oh * S - PT + kh, iw = ow * S - PL + kw.
       for (int64_t c = 0; c < C; c += V) {
         const int64_t cnt = std::min(V, C - c);
         const TapWeights<K, acc_t> tw(wt, C, c, cnt);
         for (int64_t ih = ih0; ih < ih1; ++ih) {
           scalar_t* dst = grad_x + (n * g.H + ih) * g.W * C + c;
           if (S == 1) {
-            grad_input_pixels<K, 1, 0, 0>(dy, tw.w, ih, dst, g, c, cnt);
-          } else if (ih % 2 == 0) {
-            grad_input_pixels<K, 2, 0, 0>(dy, tw.w, ih, dst, g, c, cnt);
-            grad_input_pixels<K, 2, 0, 1>(dy, tw.w, ih, dst, g, c, cnt);
-          } else {
-            grad_input_pixels<K, 2, 1, 0>(dy, tw.w, ih, dst, g, c, cnt);
-            grad_input_pixels<K, 2, 1, 1>(dy, tw.w, ih, dst, g, c, cnt);
+            grad_input_pixels<K, 1, 0>(dy, tw.w, ih, 0, dst, g, c, cnt);
+            continue;
+          }
+          for (int64_t E = 0; E < 2; ++E) {
+            if ((E + g.PL) % 2 == 0) {
+              grad_input_pixels<K, 2, 0>(dy, tw.w, ih, E, dst, g, c, cnt);
+            } else {
+              grad_input_pixels<K, 2, 1>(dy, tw.w, ih, E, dst, g, c, cnt);
+            }
           }
         }
       }
@@ -679,8 +701,9 @@ struct ConvInputs {
   at::Tensor weight;  // acc_t, [C][K * K] for NCHW, [K * K][C] for channels_last
 };
 
-ConvInputs prepare(const at::Tensor& x, const at::Tensor& weight, int64_t stride, const char* op) {
-  ConvInputs in{check_conv_inputs(x, weight, stride, op), layout_of(x, op), acc_type_of(x.scalar_type()), {}};
+ConvInputs prepare(const at::Tensor& x, const at::Tensor& weight, int64_t stride, at::OptionalIntArrayRef padding,
+                   const char* op) {
+  ConvInputs in{check_conv_inputs(x, weight, stride, padding, op), layout_of(x, op), acc_type_of(x.scalar_type()), {}};
   at::Tensor w = weight.to(in.acc).reshape({in.g.C, in.g.K * in.g.K});
   in.weight = in.layout == Layout::NHWC ? w.t().contiguous() : w.contiguous();
   return in;
@@ -695,9 +718,9 @@ at::Tensor output_like(const at::Tensor& x, const ConvInputs& in) {
 }
 
 std::tuple<at::Tensor, at::Tensor> dwconv_bn_silu_stats(const at::Tensor& x, const at::Tensor& weight,
-                                                        int64_t stride) {
+                                                        int64_t stride, at::OptionalIntArrayRef padding) {
   const char* op = "dwconv_bn_silu_stats";
-  const ConvInputs in = prepare(x, weight, stride, op);
+  const ConvInputs in = prepare(x, weight, stride, padding, op);
   const Geometry& g = in.g;
   // Partial (mean, M2) per plane (NCHW) or per output row (channels_last), each over `part_count` values.
   const bool nchw = in.layout == Layout::NCHW;
@@ -729,9 +752,9 @@ std::tuple<at::Tensor, at::Tensor> dwconv_bn_silu_stats(const at::Tensor& x, con
 }
 
 at::Tensor dwconv_bn_silu_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
-                                  const at::Tensor& shift, int64_t stride) {
+                                  const at::Tensor& shift, int64_t stride, at::OptionalIntArrayRef padding) {
   const char* op = "dwconv_bn_silu_forward";
-  const ConvInputs in = prepare(x, weight, stride, op);
+  const ConvInputs in = prepare(x, weight, stride, padding, op);
   const at::Tensor sc = channel_vector(scale, in, op, "scale"), sh = channel_vector(shift, in, op, "shift");
   at::Tensor out = output_like(x, in);
   EFFNET_DISPATCH(x.scalar_type(), "dwconv_bn_silu_forward", [&] {
@@ -763,9 +786,9 @@ at::Tensor sum_parts(const std::vector<double>& partials, int64_t parts, int64_t
 std::tuple<at::Tensor, at::Tensor> dwconv_bn_silu_backward_reduce(const at::Tensor& grad_out, const at::Tensor& x,
                                                                   const at::Tensor& weight, const at::Tensor& scale,
                                                                   const at::Tensor& shift, const at::Tensor& mean,
-                                                                  int64_t stride) {
+                                                                  int64_t stride, at::OptionalIntArrayRef padding) {
   const char* op = "dwconv_bn_silu_backward_reduce";
-  const ConvInputs in = prepare(x, weight, stride, op);
+  const ConvInputs in = prepare(x, weight, stride, padding, op);
   const Geometry& g = in.g;
   const at::Tensor sc = channel_vector(scale, in, op, "scale"), sh = channel_vector(shift, in, op, "shift");
   const at::Tensor mu = channel_vector(mean, in, op, "mean");
@@ -793,9 +816,9 @@ std::tuple<at::Tensor, at::Tensor> dwconv_bn_silu_backward(const at::Tensor& gra
                                                            const at::Tensor& weight, const at::Tensor& scale,
                                                            const at::Tensor& shift, const at::Tensor& coef_a,
                                                            const at::Tensor& coef_b, const at::Tensor& coef_c,
-                                                           int64_t stride) {
+                                                           int64_t stride, at::OptionalIntArrayRef padding) {
   const char* op = "dwconv_bn_silu_backward";
-  const ConvInputs in = prepare(x, weight, stride, op);
+  const ConvInputs in = prepare(x, weight, stride, padding, op);
   const Geometry& g = in.g;
   const at::Tensor sc = channel_vector(scale, in, op, "scale"), sh = channel_vector(shift, in, op, "shift");
   const at::Tensor ca = channel_vector(coef_a, in, op, "coef_a"), cb = channel_vector(coef_b, in, op, "coef_b");

@@ -1,4 +1,5 @@
-// Kernels of depthwise conv (k x k, padding k / 2) + BatchNorm + SiLU.
+// Kernels of depthwise conv (k x k, zero padding pad_h above and pad_w left of the input;
+// the bottom and right padding only shows in OH and OW) + BatchNorm + SiLU.
 //
 // Thread mapping (blocks of kWarp x kRows threads, grid.y = chunk of positions):
 //   NCHW (CL = false): one channel per block (blockIdx.x); the block's 256 threads
@@ -16,7 +17,7 @@ namespace effnet_fast::cuda_backend {
 struct ConvGeom {
   int64_t N, C;
   int H, W, OH, OW;
-  int stride, pad;
+  int stride, pad_h, pad_w;
   int64_t chunk_len;  // positions per grid.y chunk
   double inv_plane;   // 1.0 / (rows * cols) of the positions iterated
 };
@@ -105,7 +106,7 @@ __device__ __forceinline__ acc_t conv_at(const scalar_t* __restrict__ x, const C
   const scalar_t* plane = x + element_offset<CL>(n, c, 0, 0, g.C, g.H, g.W);
   const int64_t row_stride = CL ? int64_t(g.W) * g.C : g.W;
   const int col_stride = CL ? int(g.C) : 1;
-  const int ih0 = oh * g.stride - g.pad, iw0 = ow * g.stride - g.pad;
+  const int ih0 = oh * g.stride - g.pad_h, iw0 = ow * g.stride - g.pad_w;
   acc_t y = 0;
 #pragma unroll
   for (int i = 0; i < K; ++i) {
@@ -258,12 +259,12 @@ __global__ void __launch_bounds__(kThreads)
     acc_t sum = 0;
 #pragma unroll
     for (int i = 0; i < K; ++i) {
-      const int th = ih + g.pad - i;
+      const int th = ih + g.pad_h - i;
       const int oh = th >> shift;
       const bool row_in = th >= 0 && (th & odd_mask) == 0 && oh < g.OH;
 #pragma unroll
       for (int j = 0; j < K; ++j) {
-        const int tw = iw + g.pad - j;
+        const int tw = iw + g.pad_w - j;
         const int ow = tw >> shift;
         if (row_in && tw >= 0 && (tw & odd_mask) == 0 && ow < g.OW) {
           sum += dy_plane[(oh * g.OW + ow) * col_stride] * w[i * K + j];

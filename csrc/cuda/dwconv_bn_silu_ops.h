@@ -5,6 +5,7 @@
 
 #include <tuple>
 
+#include "../dw_padding.h"
 #include "dwconv_bn_silu_kernels.cuh"
 #include "launch_common.h"
 
@@ -18,7 +19,8 @@ struct ConvProblem {
   ConvGeom g;
 };
 
-inline ConvProblem conv_problem(const char* op, const at::Tensor& x_in, const at::Tensor& weight, int64_t stride) {
+inline ConvProblem conv_problem(const char* op, const at::Tensor& x_in, const at::Tensor& weight, int64_t stride,
+                                at::OptionalIntArrayRef padding) {
   TORCH_CHECK(x_in.dim() == 4, op, ": expected x of shape (N, C, H, W), got ", x_in.sizes());
   check_device(x_in, x_in, op, "x");
   check_device(weight, x_in, op, "weight");
@@ -43,9 +45,8 @@ inline ConvProblem conv_problem(const char* op, const at::Tensor& x_in, const at
   p.channels_last = is_channels_last(p.x);
   p.k = int(k);
   p.acc = acc_dtype(x_in.scalar_type());
-  const int pad = int(k / 2);
-  const int oh = int((H + 2 * pad - k) / stride + 1), ow = int((W + 2 * pad - k) / stride + 1);
-  p.g = ConvGeom{N, C, int(H), int(W), oh, ow, int(stride), pad, 0, 0.0};
+  const DwPadding pad = dw_padding(padding, k, stride, H, W, op);
+  p.g = ConvGeom{N, C, int(H), int(W), int(pad.out_h), int(pad.out_w), int(stride), int(pad.top), int(pad.left), 0, 0.0};
   return p;
 }
 
@@ -114,9 +115,10 @@ void launch_sum_columns(const acc_t* partials, int64_t rows, int64_t row_stride,
 }
 
 inline std::tuple<at::Tensor, at::Tensor> dwconv_bn_silu_stats(const at::Tensor& x, const at::Tensor& weight,
-                                                               int64_t stride) {
+                                                               int64_t stride,
+                                                               at::OptionalIntArrayRef padding) {
   constexpr const char* op = "dwconv_bn_silu_stats";
-  ConvProblem p = conv_problem(op, x, weight, stride);
+  ConvProblem p = conv_problem(op, x, weight, stride, padding);
   DeviceScope scope(p.x);
   const Chunks chunks = position_chunks(p, p.g.N * p.g.OH * p.g.OW);
   p.g = iteration(p.g, chunks, p.g.OH, p.g.OW);
@@ -139,9 +141,10 @@ inline std::tuple<at::Tensor, at::Tensor> dwconv_bn_silu_stats(const at::Tensor&
 }
 
 inline at::Tensor dwconv_bn_silu_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
-                                         const at::Tensor& shift, int64_t stride) {
+                                         const at::Tensor& shift, int64_t stride,
+                                         at::OptionalIntArrayRef padding) {
   constexpr const char* op = "dwconv_bn_silu_forward";
-  ConvProblem p = conv_problem(op, x, weight, stride);
+  ConvProblem p = conv_problem(op, x, weight, stride, padding);
   DeviceScope scope(p.x);
   const at::Tensor a = channel_vector(scale, p.x, p.g.C, p.acc, op, "scale");
   const at::Tensor b = channel_vector(shift, p.x, p.g.C, p.acc, op, "shift");
@@ -163,9 +166,10 @@ inline std::tuple<at::Tensor, at::Tensor> dwconv_bn_silu_backward_reduce(const a
                                                                          const at::Tensor& x, const at::Tensor& weight,
                                                                          const at::Tensor& scale,
                                                                          const at::Tensor& shift,
-                                                                         const at::Tensor& mean, int64_t stride) {
+                                                                         const at::Tensor& mean, int64_t stride,
+                                                                         at::OptionalIntArrayRef padding) {
   constexpr const char* op = "dwconv_bn_silu_backward_reduce";
-  ConvProblem p = conv_problem(op, x, weight, stride);
+  ConvProblem p = conv_problem(op, x, weight, stride, padding);
   DeviceScope scope(p.x);
   const int64_t C = p.g.C;
   const at::Tensor grad = grad_like_output(p, grad_out, op);
@@ -195,9 +199,9 @@ inline std::tuple<at::Tensor, at::Tensor> dwconv_bn_silu_backward_reduce(const a
 inline std::tuple<at::Tensor, at::Tensor> dwconv_bn_silu_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
     const at::Tensor& shift, const at::Tensor& coef_a, const at::Tensor& coef_b, const at::Tensor& coef_c,
-    int64_t stride) {
+    int64_t stride, at::OptionalIntArrayRef padding) {
   constexpr const char* op = "dwconv_bn_silu_backward";
-  ConvProblem p = conv_problem(op, x, weight, stride);
+  ConvProblem p = conv_problem(op, x, weight, stride, padding);
   DeviceScope scope(p.x);
   const int64_t C = p.g.C, taps = int64_t(p.k) * p.k;
   const at::Tensor grad = grad_like_output(p, grad_out, op);

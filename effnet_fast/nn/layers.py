@@ -3,14 +3,19 @@ buffers and state_dict keys of the reference layers they replace, and compute fr
 current parameters and statistics on every call (in eval mode too: folding BatchNorm
 into the convs is an explicit step, effnet_fast.freeze). A fused layer whose inner
 modules carry hooks (or while global module hooks are registered) runs those modules
-instead, so that the hooks fire and see what they see in the reference layers."""
+instead, so that the hooks fire and see what they see in the reference layers.
+
+Padding: "symmetric" pads k // 2 on every side (torchvision, timm's efficientnet_b*);
+"same" is TensorFlow's 'same' padding (timm's tf_efficientnet_b*), which depends on the
+input size and is asymmetric for stride 2 and even sizes. A "same" conv with stride 1
+pads k // 2 on every side too, so only strided convs need Conv2dSame."""
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
 from ..ops import dwconv_bn_silu_fn, resolve_backend, squeeze_excite_fn, squeeze_excite_project_fn
-from ..ops.common import REFERENCE_HINT
+from ..ops.common import REFERENCE_HINT, tf_same_padding
 from .batch_norm import batch_norm, bn_op_args, bn_silu, record_batch_stats
 
 
@@ -31,14 +36,51 @@ def inner_modules(module):
     return [m for m in module.modules() if m is not module]
 
 
+PADDINGS = ("symmetric", "same")
+
+
+class Conv2dSame(nn.Conv2d):
+    """nn.Conv2d with TensorFlow's 'same' padding, computed from each input's size as
+    timm's Conv2dSame does (its `padding` attribute is 0; the zeros are added in forward)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, dilation=1, groups=1, bias=True):
+        super().__init__(in_channels, out_channels, kernel_size, stride, 0, dilation, groups, bias)
+
+    def forward(self, x):
+        top, bottom, left, right = same_padding(self, x)
+        return super().forward(F.pad(x, (left, right, top, bottom)))
+
+
+def is_same_padded(conv):
+    """True for a conv with TF 'same' padding computed at run time: ours (Conv2dSame) or
+    timm's (timm.layers.Conv2dSame), by exact class."""
+    cls = type(conv)
+    return cls is Conv2dSame or (cls.__module__, cls.__name__) == ("timm.layers.conv2d_same", "Conv2dSame")
+
+
+def same_padding(conv, x):
+    """(top, bottom, left, right) zeros of TF 'same' padding for `conv` on input x."""
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    return (*tf_same_padding(x.shape[-2], kh, sh, dh), *tf_same_padding(x.shape[-1], kw, sw, dw))
+
+
+def make_conv(in_channels, out_channels, kernel_size, stride=1, groups=1, padding="symmetric"):
+    """A conv without bias padded "symmetric" (k // 2) or "same" (TF): an nn.Conv2d where
+    the padding is static (always for stride 1), else a Conv2dSame."""
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    if padding == "same" and stride != 1:
+        return Conv2dSame(in_channels, out_channels, kernel_size, stride, groups=groups, bias=False)
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
+
+
 class ConvBNAct(nn.Sequential):
-    """Conv (no bias) + BatchNorm (+ SiLU), symmetric padding k // 2."""
+    """Conv (no bias) + BatchNorm (+ SiLU), padding "symmetric" (k // 2) or "same" (TF)."""
 
     def __init__(self, in_channels, out_channels, kernel_size=1, stride=1, groups=1, act=True,
-                 bn_eps=1e-5, bn_momentum=0.1):
+                 bn_eps=1e-5, bn_momentum=0.1, padding="symmetric"):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2,
-                              groups=groups, bias=False)
+        self.conv = make_conv(in_channels, out_channels, kernel_size, stride, groups, padding)
         self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum)
         if act:
             self.act = nn.SiLU(inplace=True)
@@ -63,12 +105,12 @@ class FusedConvBNAct(ConvBNAct):
 
 
 class DWConvBNSiLU(nn.Module):
-    """Depthwise k x k conv + BatchNorm + SiLU (reference path)."""
+    """Depthwise k x k conv + BatchNorm + SiLU (reference path); padding "symmetric"
+    (k // 2) or "same" (TF, computed from the input size by a Conv2dSame)."""
 
-    def __init__(self, channels, kernel_size, stride, bn_eps=1e-5, bn_momentum=0.1):
+    def __init__(self, channels, kernel_size, stride, bn_eps=1e-5, bn_momentum=0.1, padding="symmetric"):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size, stride, kernel_size // 2,
-                              groups=channels, bias=False)
+        self.conv = make_conv(channels, channels, kernel_size, stride, channels, padding)
         self.bn = nn.BatchNorm2d(channels, eps=bn_eps, momentum=bn_momentum)
 
     def forward(self, x):
@@ -76,21 +118,27 @@ class DWConvBNSiLU(nn.Module):
 
 
 class FusedDWConvBNSiLU(DWConvBNSiLU):
-    """DWConvBNSiLU computed by one fused op; backend True/'auto' or a backend name."""
+    """DWConvBNSiLU computed by one fused op; backend True/'auto' or a backend name. A
+    conv with TF 'same' padding (Conv2dSame, ours or timm's) passes the op its padding
+    for each input's size."""
 
-    def __init__(self, channels, kernel_size, stride, bn_eps=1e-5, bn_momentum=0.1, backend=True):
-        super().__init__(channels, kernel_size, stride, bn_eps, bn_momentum)
+    def __init__(self, channels, kernel_size, stride, bn_eps=1e-5, bn_momentum=0.1, backend=True,
+                 padding="symmetric"):
+        super().__init__(channels, kernel_size, stride, bn_eps, bn_momentum, padding)
         self.backend = backend
 
     def forward(self, x):
         if x.numel() == 0 or has_hooks(inner_modules(self)):
             return super().forward(x)  # an empty batch (or plane): exactly as the reference
-        check_conv_settings(self, self.conv, stride=self.conv.stride[0], padding=self.conv.kernel_size[0] // 2,
+        same = is_same_padded(self.conv)
+        check_conv_settings(self, self.conv, stride=self.conv.stride[0],
+                            padding=0 if same else self.conv.kernel_size[0] // 2,
                             groups=self.conv.in_channels, bias=False)
         args = bn_op_args(self.bn, x)
         out, mean, var, count = dwconv_bn_silu_fn(
             x, self.conv.weight, args.weight, args.bias, args.running_mean, args.running_var, args.use_batch_stats,
-            self.bn.eps, self.conv.stride[0], resolve_backend(self.backend, x.device), args.group)
+            self.bn.eps, self.conv.stride[0], resolve_backend(self.backend, x.device), args.group,
+            same_padding(self.conv, x) if same else None)
         record_batch_stats(self.bn, args, mean, var, count, out.numel() // out.shape[1])
         return out
 
@@ -189,12 +237,12 @@ class MBConv(nn.Module):
     op."""
 
     def __init__(self, in_channels, out_channels, expand_ratio, kernel_size, stride, drop_prob,
-                 se_ratio=0.25, bn_eps=1e-5, bn_momentum=0.1):
+                 se_ratio=0.25, bn_eps=1e-5, bn_momentum=0.1, padding="symmetric"):
         super().__init__()
         bn = dict(bn_eps=bn_eps, bn_momentum=bn_momentum)
         mid = in_channels * expand_ratio
         self.expand = ConvBNAct(in_channels, mid, 1, **bn) if expand_ratio != 1 else None
-        self.dw = DWConvBNSiLU(mid, kernel_size, stride, **bn)
+        self.dw = DWConvBNSiLU(mid, kernel_size, stride, padding=padding, **bn)
         self.se = SqueezeExcitation(mid, max(1, int(in_channels * se_ratio)))
         self.project = ConvBNAct(mid, out_channels, 1, act=False, **bn)
         self.use_residual = stride == 1 and in_channels == out_channels

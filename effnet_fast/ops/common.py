@@ -1,9 +1,11 @@
 """Small helpers shared by the ops and every backend."""
 import torch
 
-from ..kernels.layout import as_supported_layout, conv_out_size, is_channels_last, memory_format_of
+from ..kernels.layout import (as_supported_layout, conv_out_hw, conv_out_size, is_channels_last, memory_format_of,
+                              tf_same_padding, tf_same_padding_2d)
 
-__all__ = ["acc_dtype", "as_supported_layout", "conv_out_size", "is_channels_last", "memory_format_of",
+__all__ = ["acc_dtype", "as_supported_layout", "conv_out_hw", "conv_out_size", "is_channels_last", "memory_format_of",
+           "tf_same_padding", "tf_same_padding_2d",
            "autocast_weight", "autocast_input", "refuse_double_backward", "refuse_unsupported_transforms",
            "check_batch_stats", "REFERENCE_HINT"]
 

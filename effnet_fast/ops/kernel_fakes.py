@@ -8,7 +8,7 @@ registration that refuses a call needing a gradient.
 """
 import torch
 
-from .common import acc_dtype, conv_out_size, memory_format_of
+from .common import acc_dtype, conv_out_hw, memory_format_of
 
 _registered = set()
 
@@ -46,21 +46,20 @@ def register_kernel_fakes(namespace="effnet_fast"):
         return torch.library.register_fake(f"{namespace}::{name}")
 
     @fake("dwconv_bn_silu_stats")
-    def _(x, weight, stride):
+    def _(x, weight, stride, padding=None):
         return _per_channel(x), _per_channel(x)
 
     @fake("dwconv_bn_silu_forward")
-    def _(x, weight, scale, shift, stride):
+    def _(x, weight, scale, shift, stride, padding=None):
         n, c, h, w = x.shape
-        k = weight.shape[-1]
-        return _like(x, (n, c, conv_out_size(h, k, stride), conv_out_size(w, k, stride)))
+        return _like(x, (n, c, *conv_out_hw(h, w, weight.shape[-1], stride, padding)))
 
     @fake("dwconv_bn_silu_backward_reduce")
-    def _(grad_out, x, weight, scale, shift, mean, stride):
+    def _(grad_out, x, weight, scale, shift, mean, stride, padding=None):
         return _per_channel(x), _per_channel(x)
 
     @fake("dwconv_bn_silu_backward")
-    def _(grad_out, x, weight, scale, shift, coef_a, coef_b, coef_c, stride):
+    def _(grad_out, x, weight, scale, shift, coef_a, coef_b, coef_c, stride, padding=None):
         return _like(x), torch.empty_like(weight, memory_format=torch.contiguous_format)
 
     @fake("bn_silu_stats")

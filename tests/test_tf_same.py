@@ -1,0 +1,175 @@
+"""TF 'same' padding in the model: EfficientNet(version, padding="same") against timm's
+tf_efficientnet_b* (eval and a training step), the weight conversions both ways and
+their refusals, the fused model against the reference one, and freeze."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from backend_cases import backend_params
+from effnet_fast.ops.backends import backend_built
+from effnet_fast import EfficientNet, freeze
+from effnet_fast.convert import load_weights, timm_key_map, to_layout
+from effnet_fast.nn import Conv2dSame
+
+from test_model import randomize
+
+timm = pytest.importorskip("timm")
+
+# An even size (asymmetric padding at every stride-2 conv) and one whose feature maps
+# alternate between even and odd sizes (66 -> 33 -> 17 -> 9 -> 5).
+SIZES = (64, 66)
+
+
+def tf_pair(version="b0", drop=0.0, **ours):
+    """(timm tf_efficientnet with random weights and BN statistics, ours loaded from it)."""
+    torch.manual_seed(0)
+    peer = timm.create_model(f"tf_efficientnet_{version}", pretrained=False, num_classes=10,
+                             drop_rate=drop, drop_path_rate=drop)
+    randomize(peer)
+    model = EfficientNet(version, num_classes=10, padding="same", dropout=drop, stochastic_depth=drop, **ours)
+    return peer, load_weights(model, peer)
+
+
+def max_abs_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("fused", [False, pytest.param("cpu", marks=pytest.mark.skipif(
+    not backend_built("cpu"), reason="the CPU kernels are not built"))])
+@pytest.mark.parametrize("size", SIZES)
+def test_matches_timm_tf_efficientnet_b0_in_eval(size, fused):
+    peer, ours = tf_pair(fused=fused)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected, got = peer.eval()(x), ours.eval()(x)
+    assert expected.abs().max() > 1e-2  # a meaningful output, not a collapsed one
+    diff = max_abs_diff(got, expected)
+    print(f"tf_efficientnet_b0 eval {size}px fused={fused}: max abs diff {diff:.3g} "
+          f"(outputs up to {expected.abs().max():.3g})")
+    assert diff < 1e-4, diff
+
+
+def test_symmetric_model_differs_from_tf_port():
+    """The parity above can fail: the same weights with symmetric padding give other outputs."""
+    peer, ours = tf_pair()
+    symmetric = EfficientNet("b0", num_classes=10, bn_eps=1e-3, dropout=0.0, stochastic_depth=0.0)
+    symmetric.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert max_abs_diff(symmetric.eval()(x), peer.eval()(x)) > 1e-2
+
+
+def test_training_step_matches_timm():
+    """Same loss, gradients and BN statistics after a training step (no dropout, no drop path)."""
+    peer, ours = tf_pair()
+    x, target = torch.randn(4, 3, 66, 66), torch.arange(4) % 10
+    losses = []
+    for model in (peer.train(), ours.train()):
+        loss = F.cross_entropy(model(x), target)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    theirs, key_map = dict(peer.named_parameters()), timm_key_map(ours)
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, theirs[key_map[name]].grad, atol=1e-4, rtol=1e-3,
+                                   msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(to_layout(ours, "timm_tf"), peer.state_dict(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", ["b1", "b2", "b3", "b4", "b5", "b6", "b7"])
+def test_larger_tf_ports_match_in_eval(version):
+    peer, ours = tf_pair(version)
+    x = torch.randn(1, 3, 66, 66)
+    with torch.no_grad():
+        expected = peer.eval()(x)
+        diff = max_abs_diff(ours.eval()(x), expected)
+    assert diff < 1e-4 * max(1.0, expected.abs().max().item()), diff
+
+
+def test_structure_and_defaults():
+    model = EfficientNet("b0", padding="same")
+    assert {m.eps for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-3}
+    strided = [name for name, m in model.named_modules() if isinstance(m, Conv2dSame)]
+    assert strided == ["stem.conv"] + [f"blocks.{s}.0.dw.conv" for s in (1, 2, 3, 5)]
+    assert EfficientNet("b0", padding="same", bn_eps=1e-5).stem.bn.eps == 1e-5
+    assert "padding='same'" in model.extra_repr()
+    assert model.state_dict().keys() == EfficientNet("b0").state_dict().keys()
+    with pytest.raises(ValueError, match="padding must be one of"):
+        EfficientNet("b0", padding="valid")
+
+
+def test_bare_state_dict_loads_with_timm_tf_layout_and_converts_back():
+    peer, reference = tf_pair()
+    state = peer.state_dict()
+    with pytest.raises(ValueError, match="layout='timm_tf'"):
+        load_weights(EfficientNet("b0", num_classes=10, padding="same"), state)
+    with pytest.raises(ValueError, match="layout='timm_tf'"):
+        load_weights(EfficientNet("b0", num_classes=10, padding="same"), state, layout="timm")
+    ours = load_weights(EfficientNet("b0", num_classes=10, padding="same"), state, layout="timm_tf")
+    back = to_layout(ours, "timm_tf")
+    assert back.keys() == state.keys() and all(torch.equal(back[k], v) for k, v in state.items())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), peer.eval()(x), atol=1e-4, rtol=0)
+
+
+def test_tf_port_into_symmetric_model_names_the_option():
+    peer, _ = tf_pair()
+    for source, layout in ((peer, None), (peer.state_dict(), "timm_tf")):
+        with pytest.raises(ValueError, match='padding="same"'):
+            load_weights(EfficientNet("b0", num_classes=10), source, layout=layout)
+
+
+def test_symmetric_weights_into_same_model_are_refused():
+    torchvision = pytest.importorskip("torchvision")
+    same = EfficientNet("b0", num_classes=10, padding="same")
+    with pytest.raises(ValueError, match="no Conv2dSame"):
+        load_weights(same, timm.create_model("efficientnet_b0", pretrained=False, num_classes=10, bn_eps=1e-3))
+    with pytest.raises(ValueError, match="symmetric"):
+        load_weights(same, torchvision.models.efficientnet_b0(num_classes=10).state_dict())
+    # our own layout carries no padding: a same-padded model's checkpoint loads back
+    load_weights(same, EfficientNet("b0", num_classes=10, padding="same").state_dict())
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_fused_same_model_matches_reference(backend, device):
+    """Whole B0 with TF padding, same weights: eval output, training loss, gradients, BN statistics."""
+    if backend in ("triton", "cuda_emu") and device == "cpu":
+        pytest.skip("whole-model runs through the Triton interpreter and the CUDA emulation are slow; "
+                    "the layer tests (test_dwconv_bn_silu.py) cover them")
+    torch.manual_seed(0)
+    ref = randomize(EfficientNet("b0", num_classes=10, padding="same", dropout=0.0, stochastic_depth=0.0))
+    ref = ref.to(device)
+    fused = copy.deepcopy(ref).set_fused(backend)
+    x, target = torch.randn(2, 3, 66, 66, device=device), torch.arange(2, device=device)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.eval()(x), ref.eval()(x), atol=1e-4, rtol=1e-4)
+    losses = []
+    for model in (ref.train(), fused.train()):
+        loss = F.cross_entropy(model(x), target)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-4, rtol=1e-4)
+    for (name, p_ref), p in zip(ref.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=2e-4, rtol=2e-3, msg=lambda m: f"{name}: {m}")
+    for (name, b_ref), b in zip(ref.named_buffers(), fused.buffers()):
+        torch.testing.assert_close(b, b_ref, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("fused", [False, "cpu"])
+def test_freeze_keeps_tf_padding(fused):
+    """freeze folds what pads symmetrically (stride 1) and keeps the Conv2dSame layers as they
+    are, so the frozen model computes the TF padding too."""
+    peer, ours = tf_pair()
+    if fused:
+        ours.set_fused(fused)
+    frozen = freeze(ours.eval())
+    x = torch.randn(2, 3, 66, 66)
+    with torch.no_grad():
+        diff = max_abs_diff(frozen(x), peer.eval()(x))
+    assert diff < 1e-4, (diff, frozen.kept)
+    assert sorted(frozen.kept) == sorted(["stem (FusedConvBNAct)" if fused else "stem (ConvBNAct)"]
+                                         + [f"blocks.{s}.0 (MBConv)" for s in (1, 2, 3, 5)])
