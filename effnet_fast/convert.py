@@ -15,7 +15,7 @@ import os
 import torch
 from torch import nn
 
-from .nn.layers import MBConv
+from .nn.layers import MBConv, SAME_PADDING_MARKER, has_same_padding_marker
 
 _BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -92,9 +92,9 @@ def padding_of(model):
 def check_layout_padding(model, layout):
     """Refuse a peer layout whose padding is not `model`'s (the weights would load but give
     wrong outputs): the TF ports need padding="same", everything else symmetric padding."""
+    same = padding_of(model) == "same"
     if layout == "effnet_fast":
         return
-    same = padding_of(model) == "same"
     if layout == TF_PORT_LAYOUT and not same:
         raise ValueError(f"layout {TF_PORT_LAYOUT!r}: {_TF_PORT_WHY}")
     if layout != TF_PORT_LAYOUT and same:
@@ -126,6 +126,9 @@ def _checked_layout(model, state_dict, layout):
                          "state dict: its keys cannot tell the two apart")
     layout = layout or detected
     check_layout_padding(model, layout)
+    if layout == "effnet_fast" and has_same_padding_marker(state_dict) != (padding_of(model) == "same"):
+        raise ValueError(f"weights of ours: {_TF_PORT_WHY}" if padding_of(model) != "same" else
+                         f"weights of ours with symmetric padding: {_SYMMETRIC_WHY}")
     return layout
 
 
@@ -151,6 +154,7 @@ def convert_state_dict(model, state_dict, layout=None, strict=True):
             raise ValueError(f"{their_key} has shape {tuple(t.shape)} but {our_key} needs "
                              f"{tuple(ours[our_key].shape)}: different variant or num_classes?")
         out[our_key] = t
+    out.update({k: v for k, v in ours.items() if k.rsplit(".", 1)[-1] == SAME_PADDING_MARKER})  # ours only
     unused = set(state_dict) - set(km.values())
     if unused and strict:
         raise ValueError(f"{len(unused)} {layout} tensors have no place in this model, e.g. {sorted(unused)[:3]}")

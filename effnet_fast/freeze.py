@@ -4,9 +4,10 @@ once (as torch.jit.freeze, inductor's freezing or an export to ONNX Runtime do).
 Works on an effnet_fast.EfficientNet (fused or not) and on torchvision's and timm's
 EfficientNets, patched by effnet_fast.patch or not. The frozen model owns copies of the
 folded weights: later changes of `model` do not reach it, and `model` keeps training.
-A block that the frozen layers cannot compute exactly (another activation, a conv with
-TF 'same' padding, a BatchNorm without running statistics, an unknown module) is kept
-as a copy of the original in eval mode, and the repr names it.
+Convs with TF 'same' padding (ours and timm's Conv2dSame) are folded too, their zeros
+added per input size as the conv did. A block that the frozen layers cannot compute
+exactly (another activation, a dilated conv, a BatchNorm without running statistics, an
+unknown module) is kept as a copy of the original in eval mode, and the repr names it.
 """
 import copy
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from .efficientnet import EfficientNet
-from .nn.layers import ConvBNAct, DWConvBNSiLU, MBConv, SqueezeExcitation
+from .nn.layers import ConvBNAct, DWConvBNSiLU, MBConv, SqueezeExcitation, is_same_padded
 from .nn.frozen import FrozenClassifier, FrozenConv, FrozenMBConv, FrozenSequential
 from .ops.backends import check_fused_setting
 from .patch import ORIGINAL, Patched, block_parts, conv_bn_problem, kind_of, se_project_problem
@@ -129,7 +130,7 @@ def _act_of(module):
 def _ours(module, backend):
     if isinstance(module, (ConvBNAct, DWConvBNSiLU)):
         act = "silu" if isinstance(module, DWConvBNSiLU) else _act_of(module)
-        if act not in ("silu", None) or type(module.conv) is not nn.Conv2d:
+        if act not in ("silu", None) or not (type(module.conv) is nn.Conv2d or is_same_padded(module.conv)):
             return None
         return FrozenConv(module.conv, module.bn, act == "silu")
     # MBConv
@@ -146,9 +147,15 @@ def _conv_bn_act(conv, bn, path, kept):
     """FrozenConv of a timm conv + BatchNormAct2d (SiLU or none), or an eval copy of both."""
     act = getattr(bn, "act", None)
     silu = isinstance(act, nn.SiLU)
-    if conv_bn_problem(conv, bn, None if silu or isinstance(act, nn.Identity) else act) or bn.running_mean is None:
+    if _conv_bn_problem(conv, bn, None if silu or isinstance(act, nn.Identity) else act) or bn.running_mean is None:
         return _keep(nn.Sequential(conv, bn), path, kept)
     return FrozenConv(conv, bn, silu)
+
+
+def _conv_bn_problem(conv, bn, act):
+    """Why conv + BN (+ act) cannot be a FrozenConv (None: it can; FrozenConv pads TF
+    'same' convs as they do)."""
+    return conv_bn_problem(conv, bn, act, same_padding_ok=True)
 
 
 def _peers(module, backend):
@@ -157,7 +164,7 @@ def _peers(module, backend):
     if kind == "torchvision_conv_norm_act":
         conv, bn = module[0], module[1]
         act = module[2] if len(module) > 2 else None
-        if conv_bn_problem(conv, bn, act):
+        if _conv_bn_problem(conv, bn, act):
             return None
         return FrozenConv(conv, bn, act is not None)
     if kind not in ("torchvision_mbconv", "timm_inverted_residual", "timm_depthwise_separable"):
@@ -167,11 +174,11 @@ def _peers(module, backend):
         return None
     expand = None
     if parts.expand is not None:
-        if conv_bn_problem(*parts.expand):
+        if _conv_bn_problem(*parts.expand):
             return None
         expand = FrozenConv(parts.expand[0], parts.expand[1], parts.expand[2] is not None)
     conv, bn, act = parts.dw
-    if conv_bn_problem(conv, bn, act) or not isinstance(act, nn.SiLU):
+    if _conv_bn_problem(conv, bn, act) or not isinstance(act, nn.SiLU):
         return None
     fc1, _, fc2, _ = parts.se
     return FrozenMBConv(expand, FrozenConv(conv, bn, True), fc1, fc2, FrozenConv(*parts.project[:2]),

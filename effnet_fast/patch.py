@@ -131,11 +131,11 @@ def kind_of(module):
 
 # --- what the fused ops compute exactly ------------------------------------------------
 
-def _conv_problem(conv, plain_only=False, depthwise=False, pointwise=False):
+def _conv_problem(conv, plain_only=False, depthwise=False, pointwise=False, same_ok=False):
     """None when the fused ops compute `conv` exactly, else the reason. A conv with TF
-    'same' padding (Conv2dSame) is exact as a depthwise conv only, where the fused op
-    pads as it does."""
-    same = depthwise and is_same_padded(conv)
+    'same' padding (Conv2dSame) is exact as a depthwise conv, where the fused op pads as
+    it does, or where the caller pads it (same_ok)."""
+    same = (depthwise or same_ok) and is_same_padded(conv)
     if type(conv) is not nn.Conv2d and not same:
         if type(conv).__name__ == "Conv2dSame":
             return ("Conv2dSame: TF 'same' padding, asymmetric for stride 2 (fused only as a depthwise conv; "
@@ -164,10 +164,12 @@ def _conv_problem(conv, plain_only=False, depthwise=False, pointwise=False):
     return None
 
 
-def conv_bn_problem(conv, bn, act):
+def conv_bn_problem(conv, bn, act, same_padding_ok=False):
     """None when conv + BN (+ act, None or SiLU) is a plain conv, a BatchNorm and SiLU (or
-    nothing), which the fused and frozen layers compute exactly; else the reason."""
-    return _conv_problem(conv, plain_only=True) or _bn_problem(bn) or _act_problem(act)
+    nothing), which the fused and frozen layers compute exactly; else the reason.
+    same_padding_ok: a conv with TF 'same' padding (Conv2dSame) counts as plain (the
+    frozen layers pad as it does)."""
+    return _conv_problem(conv, plain_only=True, same_ok=same_padding_ok) or _bn_problem(bn) or _act_problem(act)
 
 
 def _bn_problem(bn):

@@ -55,7 +55,7 @@ def test_symmetric_model_differs_from_tf_port():
     """The parity above can fail: the same weights with symmetric padding give other outputs."""
     peer, ours = tf_pair()
     symmetric = EfficientNet("b0", num_classes=10, bn_eps=1e-3, dropout=0.0, stochastic_depth=0.0)
-    symmetric.load_state_dict(ours.state_dict())
+    symmetric.load_state_dict(ours.state_dict(), strict=False)  # leaves out the TF padding marker
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert max_abs_diff(symmetric.eval()(x), peer.eval()(x)) > 1e-2
@@ -96,7 +96,8 @@ def test_structure_and_defaults():
     assert strided == ["stem.conv"] + [f"blocks.{s}.0.dw.conv" for s in (1, 2, 3, 5)]
     assert EfficientNet("b0", padding="same", bn_eps=1e-5).stem.bn.eps == 1e-5
     assert "padding='same'" in model.extra_repr()
-    assert model.state_dict().keys() == EfficientNet("b0").state_dict().keys()
+    markers = {f"{name}.tf_same_padding" for name in strided}  # marks the weights as TF-padded
+    assert model.state_dict().keys() == EfficientNet("b0").state_dict().keys() | markers
     with pytest.raises(ValueError, match="padding must be one of"):
         EfficientNet("b0", padding="valid")
 
@@ -159,17 +160,43 @@ def test_fused_same_model_matches_reference(backend, device):
         torch.testing.assert_close(b, b_ref, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("fused", [False, "cpu"])
-def test_freeze_keeps_tf_padding(fused):
-    """freeze folds what pads symmetrically (stride 1) and keeps the Conv2dSame layers as they
-    are, so the frozen model computes the TF padding too."""
+def test_freeze_folds_tf_padding(fused, channels_last):
+    """freeze folds the Conv2dSame layers too (stem and strided depthwise convs), padding
+    each input as TensorFlow does: equal to timm's TF port at even and odd sizes, with
+    nothing kept unfolded; and so does freeze of timm's model itself."""
     peer, ours = tf_pair()
     if fused:
         ours.set_fused(fused)
-    frozen = freeze(ours.eval())
+    frozen, frozen_peer = freeze(ours.eval()), freeze(peer.eval())
+    assert not frozen.kept and not frozen_peer.kept, (frozen.kept, frozen_peer.kept)
+    assert "TF same padding" in repr(frozen) and "TF same padding" in repr(frozen_peer)
+    for size in SIZES:
+        x = torch.randn(2, 3, size, size)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            expected = peer(x)
+            for model in (frozen, frozen_peer):
+                diff = max_abs_diff(model(x), expected)
+                assert diff < 1e-4 * max(1.0, expected.abs().max().item()), (size, diff)
+
+
+def test_state_dict_of_ours_keeps_its_padding(tmp_path):
+    """A TF-padded model's own state dict carries a marker: a symmetric model refuses it
+    (and the reverse) naming the padding, and predict's loader rebuilds the TF model from
+    it; weights that would load into the other padding and answer wrongly never do."""
+    from effnet_fast.app.checkpoint import load_model
+    _, ours = tf_pair()
+    state = ours.state_dict()
+    with pytest.raises(ValueError, match='padding="same"'):
+        load_weights(EfficientNet("b0", num_classes=10), state)
+    with pytest.raises(ValueError, match='padding="symmetric"'):
+        load_weights(EfficientNet("b0", num_classes=10, padding="same"), EfficientNet("b0", num_classes=10).state_dict())
+    torch.save(state, tmp_path / "tf.pt")
+    loaded, _ = load_model(tmp_path / "tf.pt")
+    assert loaded.padding == "same"
     x = torch.randn(2, 3, 66, 66)
     with torch.no_grad():
-        diff = max_abs_diff(frozen(x), peer.eval()(x))
-    assert diff < 1e-4, (diff, frozen.kept)
-    assert sorted(frozen.kept) == sorted(["stem (FusedConvBNAct)" if fused else "stem (ConvBNAct)"]
-                                         + [f"blocks.{s}.0 (MBConv)" for s in (1, 2, 3, 5)])
+        assert torch.equal(loaded(x), ours.eval()(x))

@@ -21,6 +21,7 @@ import torch
 from ..convert import check_fits, convert_state_dict, detect_layout, load_weights
 from ..efficientnet import B0_STAGES, HEAD_CHANNELS, VARIANTS, EfficientNet, round_channels, round_repeats
 from ..freeze import freeze
+from ..nn.layers import has_same_padding_marker
 from .data import IMAGENET_MEAN, IMAGENET_STD
 
 CHECKPOINT_FORMAT = "effnet_fast.train"
@@ -214,7 +215,8 @@ def load_model(path, version=None, fused=False, use_ema=True):
     num_classes = state["classifier.weight"].shape[0]
     classes = meta.get("classes") or (list(map(str, range(10))) if num_classes == 10 and
                                       pre.get("dataset") == "digits" else [str(i) for i in range(num_classes)])
-    model = EfficientNet(version, num_classes=num_classes, fused=fused)
+    padding = "same" if has_same_padding_marker(state) else "symmetric"
+    model = EfficientNet(version, num_classes=num_classes, fused=fused, padding=padding)
     load_weights(model, state)
     info = {"version": version, "num_classes": num_classes, "classes": list(classes),
             "size": pre.get("size") or model.resolution, "mean": tuple(pre.get("mean") or IMAGENET_MEAN),

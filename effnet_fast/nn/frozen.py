@@ -27,7 +27,9 @@ from torch import nn
 
 from ..ops.backends import kernels, resolve_backend
 from ..ops.common import as_supported_layout
+from ..ops.common import is_channels_last
 from ..ops.squeeze_excite import se_gate
+from .layers import is_same_padded, same_padding
 
 # oneDNN's fused convolutions (the kernels torch.compile's freezing path calls): a
 # private API, so used only when present, with plain torch convolutions otherwise.
@@ -107,6 +109,8 @@ class FrozenConv(FrozenModule):
         self.stride, self.padding, self.dilation = tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation)
         self.groups, self.kernel_size, self.out_channels = conv.groups, tuple(conv.kernel_size), conv.out_channels
         self.act, self.folded_bn = act, bn is not None
+        # TF 'same' padding (Conv2dSame, padding 0): zeros added per input size, as the conv did
+        self.same = is_same_padded(conv)
         self._packed = None  # oneDNN's reordered weight, made on the first CPU call
 
     def _apply(self, fn, *args, **kwargs):
@@ -131,7 +135,18 @@ class FrozenConv(FrozenModule):
                                                                      list(x.shape))
         return self._packed
 
+    def _pad_same(self, x):
+        """x with TF 'same' padding's zeros (asymmetric for stride 2), in x's layout: the
+        oneDNN op takes one padding per dim, so the zeros are written by a pad copy."""
+        top, bottom, left, right = same_padding(self, x)
+        if not (top or bottom or left or right):
+            return x
+        padded = F.pad(x, (left, right, top, bottom))
+        return padded.contiguous(memory_format=torch.channels_last) if is_channels_last(x) else padded
+
     def forward(self, x, residual=None):
+        if self.same:
+            x = self._pad_same(x)
         if onednn_ok(x) and self.weight.dtype == x.dtype:
             weight, geometry = self._onednn_weight(x), self._geometry()
             if residual is not None:
@@ -148,6 +163,7 @@ class FrozenConv(FrozenModule):
         kind = "depthwise conv" if self.groups == self.out_channels and self.groups > 1 else "conv"
         k = "x".join(map(str, self.kernel_size))
         return (f"{kind} {k}, {self.out_channels} channels, stride {self.stride[0]}"
+                f"{', TF same padding' if self.same else ''}"
                 f"{', BatchNorm folded' if self.folded_bn else ''}{', SiLU' if self.act else ''}")
 
 

@@ -39,16 +39,27 @@ def inner_modules(module):
 PADDINGS = ("symmetric", "same")
 
 
+SAME_PADDING_MARKER = "tf_same_padding"
+
+
 class Conv2dSame(nn.Conv2d):
     """nn.Conv2d with TensorFlow's 'same' padding, computed from each input's size as
     timm's Conv2dSame does (its `padding` attribute is 0; the zeros are added in forward)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, dilation=1, groups=1, bias=True):
         super().__init__(in_channels, out_channels, kernel_size, stride, 0, dilation, groups, bias)
+        # A state dict entry that marks TF weights: a symmetric model refuses them by name
+        # (unexpected key) instead of loading weights its padding would compute wrongly.
+        self.register_buffer(SAME_PADDING_MARKER, torch.ones((), dtype=torch.bool))
 
     def forward(self, x):
         top, bottom, left, right = same_padding(self, x)
         return super().forward(F.pad(x, (left, right, top, bottom)))
+
+
+def has_same_padding_marker(state_dict):
+    """True when a state dict of ours comes from a model with TF 'same' padding."""
+    return any(key.rsplit(".", 1)[-1] == SAME_PADDING_MARKER for key in state_dict)
 
 
 def is_same_padded(conv):
