@@ -200,3 +200,24 @@ def test_state_dict_of_ours_keeps_its_padding(tmp_path):
     x = torch.randn(2, 3, 66, 66)
     with torch.no_grad():
         assert torch.equal(loaded(x), ours.eval()(x))
+
+
+def test_train_init_from_a_tf_port(tmp_path, capsys):
+    """train --init with timm's TF-port weights: --init-layout timm_tf builds the TF-padded
+    model (--padding same) and trains it; without --padding same it is refused by name, and
+    the run's checkpoint reloads as the TF model."""
+    from effnet_fast.app.checkpoint import load_model
+    from effnet_fast.app.cli import main
+    pytest.importorskip("sklearn")
+    peer, _ = tf_pair()
+    path = tmp_path / "tf_b0.pt"
+    torch.save(peer.state_dict(), path)
+    small = ["train", "--epochs", "1", "--size", "32", "--batch", "16", "--limit", "48", "--workers", "0",
+             "--fused", "reference", "--init", str(path), "--init-layout", "timm_tf"]
+    with pytest.raises(SystemExit) as exc:
+        main(small + ["--out", str(tmp_path / "no.pt")])
+    assert exc.value.code == 2 and "--padding same" in capsys.readouterr().err
+    main(small + ["--padding", "same", "--out", str(tmp_path / "ck.pt")])
+    assert "epoch 1/1" in capsys.readouterr().out
+    model, _ = load_model(tmp_path / "ck.pt")
+    assert model.padding == "same"

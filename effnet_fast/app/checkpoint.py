@@ -18,7 +18,7 @@ import zipfile
 
 import torch
 
-from ..convert import check_fits, convert_state_dict, detect_layout, load_weights
+from ..convert import TF_PORT_LAYOUT, check_fits, convert_state_dict, detect_layout, load_weights
 from ..efficientnet import B0_STAGES, HEAD_CHANNELS, VARIANTS, EfficientNet, round_channels, round_repeats
 from ..freeze import freeze
 from ..nn.layers import has_same_padding_marker
@@ -125,13 +125,14 @@ def read_checkpoint(path):
 
 CLASSIFIER_KEYS = {"effnet_fast": ("classifier.weight", "classifier.bias"),
                    "torchvision": ("classifier.1.weight", "classifier.1.bias"),
-                   "timm": ("classifier.weight", "classifier.bias")}
+                   "timm": ("classifier.weight", "classifier.bias"),
+                   TF_PORT_LAYOUT: ("classifier.weight", "classifier.bias")}
 
 
-def init_state_dict(path, version, num_classes, layout="auto"):
+def init_state_dict(path, version, num_classes, layout="auto", padding="symmetric"):
     """Weights from `path` (ours, torchvision's or timm's; a training checkpoint or a
-    state dict) as our state dict for EfficientNet(version, num_classes); the
-    classifier is left out (a new one is trained) when the class count differs."""
+    state dict) as our state dict for EfficientNet(version, num_classes, padding=padding);
+    the classifier is left out (a new one is trained) when the class count differs."""
     state = load_tensors(path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -140,12 +141,14 @@ def init_state_dict(path, version, num_classes, layout="auto"):
     layout = None if layout == "auto" else layout
     detected = detect_layout(state)
     if layout is None and detected == "timm":
-        raise ValueError("looks like timm's layout: pass --init-layout timm (for timm's efficientnet_b* weights; "
-                         "its TF ports tf_efficientnet_b* are not supported)")
+        raise ValueError("looks like timm's layout: pass --init-layout timm for timm's efficientnet_b* weights, "
+                         f"or --init-layout {TF_PORT_LAYOUT} --padding same for its TF ports tf_efficientnet_b*")
+    if layout == TF_PORT_LAYOUT and padding != "same":
+        raise ValueError(f"--init-layout {TF_PORT_LAYOUT}: the TF ports need TF 'same' padding: pass --padding same")
     layout = layout or detected
     check_variant(state, layout, version)
     weight_key, bias_key = CLASSIFIER_KEYS[layout]
-    model = EfficientNet(version, num_classes=num_classes)
+    model = EfficientNet(version, num_classes=num_classes, padding=padding)
     new_head = weight_key in state and state[weight_key].shape[0] != num_classes
     if new_head:
         state = {k: v for k, v in state.items() if k not in (weight_key, bias_key)}

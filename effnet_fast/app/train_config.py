@@ -9,7 +9,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ..efficientnet import VARIANTS
+from ..convert import TF_PORT_LAYOUT
+from ..efficientnet import PADDINGS, VARIANTS
 from .args import (AMP_DTYPES, FUSED_METAVAR, HelpFormatter, check_amp_on_device, check_fused_on_device,
                    default_device, device_arg, float_in, fused_arg, non_negative_int, positive_int)
 from .checkpoint import check_writable, init_state_dict, output_paths, read_checkpoint
@@ -20,7 +21,7 @@ DEFAULT_OUT = os.path.join("checkpoints", "train.pt")
 # Defaults per optimiser when --lr / --weight-decay are not given; SGD's lr is for a global
 # batch of 256 and scaled linearly (AdamW's is not scaled).
 OPT_DEFAULTS = {"sgd": dict(lr=0.1, weight_decay=5e-5), "adamw": dict(lr=3e-3, weight_decay=0.05)}
-INIT_LAYOUTS = ("auto", "effnet_fast", "torchvision", "timm")
+INIT_LAYOUTS = ("auto", "effnet_fast", "torchvision", "timm", TF_PORT_LAYOUT)
 
 
 def add_parser(sub):
@@ -63,7 +64,11 @@ def add_parser(sub):
     g.add_argument("--init", metavar="PATH", help="start from these weights: our checkpoint or state dict, or "
                    "torchvision's / timm's (a new classifier when the class count differs)")
     g.add_argument("--init-layout", default="auto", choices=INIT_LAYOUTS,
-                   help="layout of --init (timm's must be named)")
+                   help=f"layout of --init (timm's must be named: timm for efficientnet_b*, {TF_PORT_LAYOUT} for "
+                        "its TF ports tf_efficientnet_b*, with --padding same)")
+    g.add_argument("--padding", default="symmetric", choices=PADDINGS,
+                   help="conv padding: symmetric (k // 2, torchvision's and timm's efficientnet_b*) or same "
+                        "(TensorFlow's, for the TF ports; BatchNorm eps 1e-3)")
     g.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across processes")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive_int, default=5, help="epochs in all (also when resuming)")
@@ -95,7 +100,7 @@ def add_parser(sub):
 
 
 OPTION_NAMES = ("data", "dataset", "val_fraction", "size", "crop_scale", "hflip", "limit", "workers", "version",
-                "fused", "device", "channels_last", "dropout", "drop_path", "init", "init_layout", "sync_bn",
+                "fused", "device", "channels_last", "dropout", "drop_path", "init", "init_layout", "padding", "sync_bn",
                 "epochs", "batch", "opt", "lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing",
                 "amp", "ema", "ema_decay", "bn_calibrate", "seed", "out", "resume")
 
@@ -162,7 +167,7 @@ def load_inputs(args, fail=_raise):
     init_state = None
     if args.init:
         try:
-            init_state = init_state_dict(args.init, args.version, num_classes, args.init_layout)
+            init_state = init_state_dict(args.init, args.version, num_classes, args.init_layout, args.padding)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             fail(f"--init {args.init}: {exc}")
     resume_state = None

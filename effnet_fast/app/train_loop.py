@@ -52,7 +52,7 @@ class Ema:
 def make_model(args, num_classes, device):
     """The EfficientNet the options describe, on the CPU with reference layers (see place_model)."""
     model = EfficientNet(args.version, num_classes=num_classes, dropout=args.dropout,
-                         stochastic_depth=args.drop_path)
+                         stochastic_depth=args.drop_path, padding=getattr(args, "padding", "symmetric"))
     return model
 
 
