@@ -7,6 +7,7 @@ from torch import nn
 from .nn.layers import (PADDINGS, ConvBNAct, DWConvBNSiLU, FusedConvBNAct, FusedDWConvBNSiLU,
                         FusedSqueezeExcitation, MBConv, SqueezeExcitation)
 from .ops.backends import check_fused_setting
+from .pretrained import from_pretrained
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,13 @@ class EfficientNet(nn.Module):
         """A custom model scaled from B0 by the compound coefficient phi."""
         width, depth, resolution = compound_scaling(phi, alpha, beta, gamma)
         return cls(None, num_classes, width=width, depth=depth, resolution=resolution, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, name, fused=False, file=None):
+        """The model with pretrained weights in one line, through torchvision's weights API or
+        timm's hub ("torchvision:efficientnet_b0.IMAGENET1K_V1", "timm:tf_efficientnet_b7.ns_jft_in1k";
+        see effnet_fast.pretrained), in eval mode, its preprocessing in `model.pretrained`."""
+        return from_pretrained(cls, name, fused=fused, file=file)
 
     def set_fused(self, fused):
         """Switch to the fused ops (`fused` True or a backend name) or back to the

@@ -18,7 +18,7 @@ LAYERS = (
     ("ops", ("effnet_fast.ops",)),
     ("modules", ("effnet_fast.nn",)),
     ("model library", ("effnet_fast.efficientnet", "effnet_fast.convert", "effnet_fast.patch", "effnet_fast.freeze",
-                       "effnet_fast.distributed")),
+                       "effnet_fast.distributed", "effnet_fast.pretrained")),
     ("application", ("effnet_fast.app",)),
     # The package's front door and the deprecated aliases of moved modules: nothing imports them.
     ("entry points", ("effnet_fast.__main__", "effnet_fast.model", "effnet_fast.layers", "effnet_fast")),

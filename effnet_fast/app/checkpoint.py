@@ -22,6 +22,7 @@ from ..convert import TF_PORT_LAYOUT, check_fits, convert_state_dict, detect_lay
 from ..efficientnet import B0_STAGES, HEAD_CHANNELS, VARIANTS, EfficientNet, round_channels, round_repeats
 from ..freeze import freeze
 from ..nn.layers import has_same_padding_marker
+from ..pretrained import is_pretrained_name
 from .data import IMAGENET_MEAN, IMAGENET_STD
 
 CHECKPOINT_FORMAT = "effnet_fast.train"
@@ -132,8 +133,13 @@ CLASSIFIER_KEYS = {"effnet_fast": ("classifier.weight", "classifier.bias"),
 def init_state_dict(path, version, num_classes, layout="auto", padding="symmetric"):
     """Weights from `path` (ours, torchvision's or timm's; a training checkpoint or a
     state dict) as our state dict for EfficientNet(version, num_classes, padding=padding);
-    the classifier is left out (a new one is trained) when the class count differs."""
-    state = load_tensors(path)
+    the classifier is left out (a new one is trained) when the class count differs.
+    `path` may name pretrained weights instead (effnet_fast.pretrained, e.g.
+    "torchvision:efficientnet_b0.IMAGENET1K_V1"), downloaded by their source."""
+    if _names_pretrained(path):
+        state, layout = EfficientNet.from_pretrained(path).state_dict(), "effnet_fast"
+    else:
+        state = load_tensors(path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
@@ -197,9 +203,22 @@ def check_variant(state, layout, version):
                          f"builds a {version}; pass --version {found}")
 
 
+def _names_pretrained(path):
+    """True when `path` names pretrained weights ("torchvision:...", "timm:...") rather
+    than a file (a file of that name wins)."""
+    return is_pretrained_name(str(path)) and not os.path.exists(path)
+
+
 def load_model(path, version=None, fused=False, use_ema=True):
-    """(model in eval mode, info) from a training checkpoint or a bare state dict.
+    """(model in eval mode, info) from a training checkpoint, a bare state dict or
+    pretrained weights by name (effnet_fast.pretrained, with the source's preprocessing).
     info: version, num_classes, classes, size, mean, std, crop_fraction, ema."""
+    if _names_pretrained(path):
+        model = EfficientNet.from_pretrained(str(path), fused=fused)
+        pre = model.pretrained
+        return model, {"version": model.version, "num_classes": len(pre["classes"]), "classes": pre["classes"],
+                       "size": pre["size"], "mean": pre["mean"], "std": pre["std"],
+                       "crop_fraction": pre["crop_fraction"], "ema": False}
     obj = load_tensors(path)
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: not a checkpoint nor a state dict")

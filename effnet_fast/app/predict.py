@@ -10,6 +10,7 @@ import torch
 
 from .args import (AMP_DTYPES, FUSED_METAVAR, HelpFormatter, check_amp_on_device, check_fused_on_device,
                    default_device, device_arg, fused_arg, positive_int)
+from ..pretrained import is_pretrained_name
 from .checkpoint import load_model, serving_model
 from .data import UnreadableImage, read_image
 
@@ -62,8 +63,9 @@ def add_command(sub):
                        description="Class names and preprocessing come from the training checkpoint (the EMA "
                                    "weights when it has them);\na bare state dict of ours works too.")
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--weights", required=True, metavar="PATH", help="checkpoint of `effnet-fast train` or a state "
-                   "dict of ours")
+    p.add_argument("--weights", required=True, metavar="PATH", help="checkpoint of `effnet-fast train`, a state "
+                   "dict of ours, or pretrained weights by name (torchvision:efficientnet_b0.IMAGENET1K_V1, "
+                   "timm:tf_efficientnet_b0.ns_jft_in1k; downloaded by torchvision / timm)")
     p.add_argument("--topk", type=positive_int, default=5, help="classes shown per image")
     p.add_argument("--fused", type=fused_arg, default="off", metavar=FUSED_METAVAR, help="fused kernels")
     p.add_argument("--device", type=device_arg, default=default_device(), help="cpu, cuda or cuda:N")
@@ -82,8 +84,9 @@ def check_args(parser, args):
     missing = [path for path in args.images if not os.path.isfile(path)]
     if missing:
         parser.error(f"IMAGE: no such file: {', '.join(missing)}")
-    if not os.path.isfile(args.weights):
-        parser.error(f"--weights {args.weights}: no such file")
+    if not os.path.isfile(args.weights) and not is_pretrained_name(args.weights):
+        parser.error(f"--weights {args.weights}: no such file (nor a pretrained name such as "
+                     "torchvision:efficientnet_b0.IMAGENET1K_V1)")
     try:
         loaded = load_model(args.weights, fused=args.fused)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:

@@ -61,8 +61,10 @@ def add_parser(sub):
                    "(default: 0.1 for digits, the variant's otherwise)")
     g.add_argument("--drop-path", type=float_in(0, 1, high_open=True), help="stochastic depth of the last block "
                    "(default: 0.05 for digits, 0.2 otherwise)")
-    g.add_argument("--init", metavar="PATH", help="start from these weights: our checkpoint or state dict, or "
-                   "torchvision's / timm's (a new classifier when the class count differs)")
+    g.add_argument("--init", metavar="PATH", help="start from these weights: our checkpoint or state dict, "
+                   "torchvision's / timm's, or pretrained weights by name (torchvision:efficientnet_b0.IMAGENET1K_V1, "
+                   "timm:tf_efficientnet_b0.ns_jft_in1k with --padding same); a new classifier when the class "
+                   "count differs")
     g.add_argument("--init-layout", default="auto", choices=INIT_LAYOUTS,
                    help=f"layout of --init (timm's must be named: timm for efficientnet_b*, {TF_PORT_LAYOUT} for "
                         "its TF ports tf_efficientnet_b*, with --padding same)")
