@@ -1,0 +1,141 @@
+"""Where B0's frozen eval forward spends its time, against ONNX Runtime's own profile
+(BN statistics calibrated, channels_last, 224x224). Modes:
+
+  ort N        ONNX Runtime's profiler (SessionOptions.enable_profiling), ms per op type, batch N
+  convs N      each of the frozen model's convs timed alone on its recorded input, ms by kind
+  onednn N     oneDNN's own execution time of the frozen model's convs (mkldnn verbose), batch N
+  depthwise    oneDNN's depthwise conv + SiLU against the project's dwconv_bn_silu kernel
+  faults N     minor page faults per frozen forward, batch N
+
+  OMP_NUM_THREADS=1 python benchmarks/profile_inference.py convs 1
+"""
+import collections
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+
+import torch
+
+from effnet_fast import EfficientNet, freeze
+from effnet_fast.app.benchmark import calibrate_bn
+from effnet_fast.nn.frozen import FrozenConv
+
+
+def reference_model():
+    torch.manual_seed(0)
+    model = EfficientNet("b0")
+    calibrate_bn(model, torch.randn(16, 3, 224, 224))
+    return model.eval()
+
+
+def frozen_model():
+    return freeze(reference_model().set_fused("cpu").to(memory_format=torch.channels_last))
+
+
+def image(n):
+    return torch.randn(n, 3, 224, 224).to(memory_format=torch.channels_last)
+
+
+def mean_us(fn, repeats=20):
+    for _ in range(3):
+        fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats * 1e6
+
+
+def ort(n, runs=8):
+    import onnxruntime
+    x = torch.randn(n, 3, 224, 224)
+    path = os.path.join(tempfile.mkdtemp(), "b0.onnx")
+    torch.onnx.export(reference_model(), (x,), path, dynamo=False, opset_version=17, input_names=["x"])
+    opts = onnxruntime.SessionOptions()
+    opts.intra_op_num_threads, opts.enable_profiling = torch.get_num_threads(), True
+    opts.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "ort")
+    session = onnxruntime.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        session.run(None, {"x": x.numpy()})
+    with open(session.end_profiling()) as f:
+        events = json.load(f)
+    total, count = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            total[e["args"]["op_name"]] += e["dur"]
+            count[e["args"]["op_name"]] += 1
+    for op, us in total.most_common():
+        print(f"{op:<24}{us / runs / 1e3:8.2f} ms  {count[op] // runs} nodes")
+    print(f"{'total':<24}{sum(total.values()) / runs / 1e3:8.2f} ms")
+
+
+def convs(n):
+    model, x, calls = frozen_model(), image(n), []
+    hooks = [m.register_forward_hook(lambda m, args, out: calls.append((m, args[0], args[1] if len(args) > 1 else None)))
+             for m in model.modules() if isinstance(m, FrozenConv)]
+    with torch.no_grad():
+        model(x)
+        for h in hooks:
+            h.remove()
+        ms, gflop = collections.Counter(), collections.Counter()
+        for conv, inp, res in calls:
+            kind = ("depthwise" if conv.groups > 1 else "1x1" if conv.kernel_size == (1, 1) else "stem") + \
+                   (" + residual" if res is not None else "") + (" + SiLU" if conv.act else "")
+            ms[kind] += mean_us(lambda: conv(inp, res)) / 1e3
+            out = conv(inp, res)
+            gflop[kind] += 2 * out.numel() * conv.weight[0].numel() / 1e9
+    for kind in ms:
+        print(f"{kind:<24}{ms[kind]:8.2f} ms  {gflop[kind]:.3f} GFLOP  {gflop[kind] / ms[kind] * 1e3:6.1f} GFLOP/s")
+    print(f"{'total':<24}{sum(ms.values()):8.2f} ms")
+
+
+def onednn(n):
+    """oneDNN prints its verbose lines to the C stdout: read them from a child process."""
+    import subprocess
+    out = subprocess.run([sys.executable, __file__, "verbose", str(n)], capture_output=True, text=True,
+                         check=True).stdout
+    lines = [line.split(",") for line in out.splitlines() if line.startswith("onednn_verbose") and ",exec," in line]
+    print(f"{len(lines)} oneDNN primitives, {sum(float(f[-1]) for f in lines):.2f} ms of their own execution")
+
+
+def verbose(n):
+    model, x = frozen_model(), image(n)
+    with torch.no_grad():
+        model(x)
+        with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+            model(x)
+
+
+def depthwise():
+    from effnet_fast.ops.backends import kernels
+    k, total_onednn, total_ours = kernels("cpu"), 0.0, 0.0
+    for h, c, ks, s in ((112, 32, 3, 1), (112, 96, 3, 2), (56, 144, 3, 1), (56, 144, 5, 2), (28, 240, 5, 1),
+                        (28, 240, 3, 2), (14, 480, 3, 1), (14, 480, 5, 1), (14, 672, 5, 1), (14, 672, 5, 2),
+                        (7, 1152, 5, 1), (7, 1152, 3, 1)):
+        x = torch.randn(1, c, h, h).to(memory_format=torch.channels_last)
+        w, b, one, p = torch.randn(c, 1, ks, ks), torch.randn(c), torch.ones(c), ks // 2
+        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), [p, p], [s, s], [1, 1], c, list(x.shape))
+        onednn_us = mean_us(lambda: torch.ops.mkldnn._convolution_pointwise(x, packed, b, [p, p], [s, s], [1, 1], c,
+                                                                             "swish", [], ""))
+        ours_us = mean_us(lambda: k.dwconv_bn_silu_forward(x, w, one, b, s))
+        total_onednn, total_ours = total_onednn + onednn_us, total_ours + ours_us
+        print(f"{h}x{h}x{c} k{ks} s{s}: oneDNN {onednn_us:.0f} us, ours {ours_us:.0f} us")
+    print(f"all 12 at batch 1: oneDNN {total_onednn / 1e3:.2f} ms, ours {total_ours / 1e3:.2f} ms")
+
+
+def faults(n, repeats=5):
+    model, x = frozen_model(), image(n)
+    with torch.no_grad():
+        for _ in range(2):
+            model(x)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(repeats):
+            model(x)
+    print(f"{(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / repeats:.1f} minor page faults per forward")
+
+
+if __name__ == "__main__":
+    mode, *rest = sys.argv[1:] or ["convs"]
+    {"ort": ort, "convs": convs, "onednn": onednn, "verbose": verbose, "depthwise": depthwise, "faults": faults}[mode](*map(int, rest))
