@@ -25,7 +25,8 @@ import tempfile
 import torch
 
 from effnet_fast import EfficientNet, freeze
-from effnet_fast.app.benchmark import calibrate_bn, eval_forward, median, times_in_turns, train_step
+from effnet_fast.app.benchmark import (calibrate_bn, eval_forward, median, relative_error, times_in_turns,
+                                       train_step)
 
 
 def inputs(batch, size, channels_last, seed=1):
@@ -170,9 +171,7 @@ def eval_candidates(args, base, x_nchw, x_cl):
 
 def agreement(actual, expected):
     """(max |actual - expected| / max |expected|, fraction of equal top-1 classes)."""
-    actual = actual.float()
-    rel = ((actual - expected).abs().max() / expected.abs().max()).item()
-    return rel, (actual.argmax(1) == expected.argmax(1)).float().mean().item()
+    return relative_error(actual, expected), (actual.argmax(1) == expected.argmax(1)).float().mean().item()
 
 
 # Largest max |diff| / max |eager float32| accepted before timing a candidate.

@@ -168,12 +168,17 @@ LOSS_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 1e-2
 OUTPUT_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.1, torch.float16: 2e-2}
 
 
+def relative_error(actual, expected):
+    """max |actual - expected| / max |expected|, in float32: how far a low-precision output is."""
+    return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+
+
 def _check_output(label, actual, expected, dtype):
     if dtype == torch.float32:
         torch.testing.assert_close(actual, expected, atol=1e-3, rtol=1e-3,
                                    msg=lambda m: f"{label}'s output differs from the reference: {m}")
         return
-    rel = ((actual.float() - expected).abs().max() / expected.abs().max()).item()
+    rel = relative_error(actual, expected)
     if rel > OUTPUT_TOLERANCE[dtype]:
         raise AssertionError(f"{label}'s {dtype} output differs from the float32 reference by {rel:.3g} of its "
                              f"largest logit (accepted: {OUTPUT_TOLERANCE[dtype]})")
