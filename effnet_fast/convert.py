@@ -1,11 +1,11 @@
 """Weights from and to torchvision's and timm's EfficientNet layouts.
 
 Our keys: stem.{conv,bn}, blocks.S.J.{expand,dw,project}.{conv,bn}, blocks.S.J.se.{fc1,fc2},
-head.{conv,bn}, classifier. The maps are built from the model's own structure, so
+head.{conv,bn}, classifier; EfficientNetV2's Fused-MBConv blocks blocks.S.J.{conv,project}.{conv,bn}. The maps are built from the model's own structure, so
 they hold for every variant (the peers' layouts differ only in names).
 
-timm's TF ports (`tf_efficientnet_b*`) have the same keys and shapes as its
-`efficientnet_b*` but need TF 'same' padding and BatchNorm eps 1e-3: they load into
+timm's TF ports (`tf_efficientnet_b*`, `tf_efficientnetv2_*`) have the same keys and shapes
+as its `efficientnet_b*` / `efficientnetv2_*` but need TF 'same' padding and BatchNorm eps 1e-3: they load into
 `EfficientNet(version, padding="same")` only, and the symmetric-padding model refuses
 them. A timm state dict cannot be told apart from its keys, so loading one needs
 `layout="timm"` (efficientnet_b*) or `layout="timm_tf"` (tf_efficientnet_b*), or the
@@ -15,7 +15,7 @@ import os
 import torch
 from torch import nn
 
-from .nn.layers import MBConv, SAME_PADDING_MARKER, has_same_padding_marker
+from .nn.layers import FusedMBConv, MBConv, SAME_PADDING_MARKER, has_same_padding_marker
 
 _BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -34,7 +34,7 @@ def _se(ours, theirs_fc1, theirs_fc2):
 def _blocks(model):
     for s, stage in enumerate(model.blocks):
         for j, block in enumerate(stage):
-            assert isinstance(block, MBConv)
+            assert isinstance(block, (MBConv, FusedMBConv))
             yield s, j, block
 
 
@@ -43,6 +43,11 @@ def torchvision_key_map(model):
     km = _conv_bn("stem", "features.0.0", "features.0.1")
     for s, j, block in _blocks(model):
         ours, theirs = f"blocks.{s}.{j}", f"features.{s + 1}.{j}.block"
+        if isinstance(block, FusedMBConv):  # torchvision's FusedMBConv: [conv, project]
+            km.update(_conv_bn(f"{ours}.conv", f"{theirs}.0.0", f"{theirs}.0.1"))
+            if block.project is not None:
+                km.update(_conv_bn(f"{ours}.project", f"{theirs}.1.0", f"{theirs}.1.1"))
+            continue
         i = 0
         if block.expand is not None:
             km.update(_conv_bn(f"{ours}.expand", f"{theirs}.0.0", f"{theirs}.0.1"))
@@ -61,6 +66,13 @@ def timm_key_map(model):
     km = _conv_bn("stem", "conv_stem", "bn1")
     for s, j, block in _blocks(model):
         ours, theirs = f"blocks.{s}.{j}", f"blocks.{s}.{j}"
+        if isinstance(block, FusedMBConv):
+            if block.project is None:  # timm's ConvBnAct
+                km.update(_conv_bn(f"{ours}.conv", f"{theirs}.conv", f"{theirs}.bn1"))
+            else:  # timm's EdgeResidual
+                km.update(_conv_bn(f"{ours}.conv", f"{theirs}.conv_exp", f"{theirs}.bn1"))
+                km.update(_conv_bn(f"{ours}.project", f"{theirs}.conv_pwl", f"{theirs}.bn2"))
+            continue
         if block.expand is not None:
             km.update(_conv_bn(f"{ours}.expand", f"{theirs}.conv_pw", f"{theirs}.bn1"))
             km.update(_conv_bn(f"{ours}.dw", f"{theirs}.conv_dw", f"{theirs}.bn2"))
@@ -174,16 +186,15 @@ def _batch_norm_eps(module):
 
 def peer_layout(model, peer):
     """The layout of a peer model object: 'timm_tf' for a timm TF port (its Conv2dSame
-    layers), else the one its state dict's keys show. Refuses (ValueError) a peer whose
-    layers compute something else than `model` with the same weights: another padding
-    or another BatchNorm eps."""
+    layers), else the one its state dict's keys show. Refuses (ValueError) a peer with
+    another padding than `model` (its BatchNorm eps: check_peer_model, once the weights
+    are known to fit)."""
     same_pad = [name for name, m in peer.named_modules() if type(m).__name__.startswith("Conv2dSame")]
     if same_pad and padding_of(model) != "same":
         raise ValueError(f"{type(peer).__name__} has {len(same_pad)} Conv2dSame layers (e.g. {same_pad[0]!r}): "
                          f"it is a TF port; {_TF_PORT_WHY}")
     if not same_pad and padding_of(model) == "same":
         raise ValueError(f"{type(peer).__name__} has no Conv2dSame layers: {_SYMMETRIC_WHY}")
-    check_peer_model(model, peer)
     layout = detect_layout(peer.state_dict())
     return TF_PORT_LAYOUT if same_pad and layout == "timm" else layout
 
@@ -240,6 +251,8 @@ def load_weights(model, source, layout=None, strict=True):
     if isinstance(state, dict) and "state_dict" in state and not torch.is_tensor(state["state_dict"]):
         state = state["state_dict"]  # a training checkpoint
     state = convert_state_dict(model, state, layout, strict)
+    if isinstance(source, nn.Module):
+        check_peer_model(model, source)  # after the variant check: eps is the last thing to differ
     check_fits(model, state, strict)
     model.load_state_dict(state, strict=strict)
     return model

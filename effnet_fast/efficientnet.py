@@ -1,13 +1,19 @@
-"""EfficientNet B0-B7 (Tan & Le, 2019) described as data and built by a small builder."""
+"""EfficientNet B0-B7 (Tan & Le, 2019) and EfficientNetV2 S/M/L (Tan & Le, 2021), described
+as data and built by a small builder."""
 import math
 from dataclasses import dataclass
 
 from torch import nn
 
-from .nn.layers import (PADDINGS, ConvBNAct, DWConvBNSiLU, FusedConvBNAct, FusedDWConvBNSiLU,
+from .nn.layers import (PADDINGS, ConvBNAct, DWConvBNSiLU, FusedConvBNAct, FusedDWConvBNSiLU, FusedMBConv,
                         FusedSqueezeExcitation, MBConv, SqueezeExcitation)
 from .ops.backends import check_fused_setting
 from .pretrained import from_pretrained
+
+# The block kinds of a stage: "mbconv" (1x1 expand, depthwise, squeeze-excitation, 1x1
+# project), "fused_mbconv" (V2: one k x k conv, 1x1 project) and "conv" (V2: one k x k
+# conv + BN + SiLU, torchvision's Fused-MBConv with expand ratio 1, timm's ConvBnAct).
+BLOCK_KINDS = ("mbconv", "fused_mbconv", "conv")
 
 
 @dataclass(frozen=True)
@@ -17,6 +23,7 @@ class Stage:
     repeats: int
     stride: int
     kernel_size: int
+    block: str = "mbconv"
 
 
 # B0, the base network found by the architecture search.
@@ -32,6 +39,38 @@ B0_STAGES = (
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
 
+# EfficientNetV2 as torchvision builds it (the paper's Table 4 for S; M and L from the
+# reference code): Fused-MBConv in the early stages, MBConv with SE 0.25 after.
+V2_S_STAGES = (
+    Stage(1, 24, 2, 1, 3, "conv"),
+    Stage(4, 48, 4, 2, 3, "fused_mbconv"),
+    Stage(4, 64, 4, 2, 3, "fused_mbconv"),
+    Stage(4, 128, 6, 2, 3),
+    Stage(6, 160, 9, 1, 3),
+    Stage(6, 256, 15, 2, 3),
+)
+V2_M_STAGES = (
+    Stage(1, 24, 3, 1, 3, "conv"),
+    Stage(4, 48, 5, 2, 3, "fused_mbconv"),
+    Stage(4, 80, 5, 2, 3, "fused_mbconv"),
+    Stage(4, 160, 7, 2, 3),
+    Stage(6, 176, 14, 1, 3),
+    Stage(6, 304, 18, 2, 3),
+    Stage(6, 512, 5, 1, 3),
+)
+V2_L_STAGES = (
+    Stage(1, 32, 4, 1, 3, "conv"),
+    Stage(4, 64, 7, 2, 3, "fused_mbconv"),
+    Stage(4, 96, 7, 2, 3, "fused_mbconv"),
+    Stage(4, 192, 10, 2, 3),
+    Stage(6, 224, 19, 1, 3),
+    Stage(6, 384, 25, 2, 3),
+    Stage(6, 640, 7, 1, 3),
+)
+# timm's efficientnetv2_rw_s, drawn from the paper's figure before the official release:
+# a projection in the first stage, 272 channels last and a 1792-channel head.
+V2_RW_S_STAGES = (Stage(1, 24, 2, 1, 3, "fused_mbconv"), *V2_S_STAGES[1:5], Stage(6, 272, 15, 2, 3))
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -41,6 +80,9 @@ class Variant:
     dropout: float
     bn_eps: float = 1e-5
     bn_momentum: float = 0.1
+    stages: tuple = B0_STAGES
+    stem: int = STEM_CHANNELS
+    head: int = HEAD_CHANNELS
 
 
 # The official (width, depth, resolution, dropout), set by hand in the reference code.
@@ -55,6 +97,12 @@ VARIANTS = {
     "b5": Variant(1.6, 2.2, 456, 0.4, 1e-3, 0.01),
     "b6": Variant(1.8, 2.6, 528, 0.5, 1e-3, 0.01),
     "b7": Variant(2.0, 3.1, 600, 0.5, 1e-3, 0.01),
+    # V2 is not compound-scaled from one base: each size has its own table. BatchNorm eps
+    # 1e-3 as torchvision; the resolution is the evaluation size of torchvision's weights.
+    "v2_s": Variant(1.0, 1.0, 384, 0.2, 1e-3, stages=V2_S_STAGES, stem=24),
+    "v2_m": Variant(1.0, 1.0, 480, 0.3, 1e-3, stages=V2_M_STAGES, stem=24),
+    "v2_l": Variant(1.0, 1.0, 480, 0.4, 1e-3, stages=V2_L_STAGES, stem=32),
+    "v2_rw_s": Variant(1.0, 1.0, 384, 0.2, stages=V2_RW_S_STAGES, stem=24, head=1792),
 }
 # The TF ports (padding="same", timm's tf_efficientnet_b*) keep TensorFlow's BatchNorm eps.
 TF_BN_EPS = 1e-3
@@ -82,10 +130,12 @@ def compound_scaling(phi, alpha=1.2, beta=1.1, gamma=1.15, base_resolution=224):
 
 
 class EfficientNet(nn.Module):
-    """EfficientNet B0-B7.
+    """EfficientNet B0-B7 and EfficientNetV2.
 
-    version: "b0".."b7" (case-insensitive), or None with width/depth/resolution given
-      (see `EfficientNet.from_phi`).
+    version: "b0".."b7", "v2_s", "v2_m", "v2_l" (torchvision's efficientnet_v2_*, timm's
+      tf_efficientnetv2_* with padding="same") or "v2_rw_s" (timm's efficientnetv2_rw_s),
+      case-insensitive; or None with width/depth/resolution given (a model scaled from B0,
+      see `EfficientNet.from_phi`).
     fused: False for the pure-PyTorch layers; True (or "auto") for the fastest built
       backend of the input's device; "cpu", "cuda" or "triton" to force one.
     padding: "symmetric" (k // 2 on every side, as torchvision and timm's efficientnet_b*)
@@ -118,15 +168,16 @@ class EfficientNet(nn.Module):
         self.depth = depth if depth is not None else base.depth
         self.resolution = resolution if resolution is not None else base.resolution
         self.in_channels = in_channels
+        self.stages = base.stages
         default_eps = TF_BN_EPS if padding == "same" else base.bn_eps
         bn = dict(bn_eps=default_eps if bn_eps is None else bn_eps,
                   bn_momentum=base.bn_momentum if bn_momentum is None else bn_momentum)
 
-        stem = round_channels(STEM_CHANNELS, self.width)
+        stem = round_channels(base.stem, self.width)
         self.stem = ConvBNAct(in_channels, stem, 3, stride=2, padding=padding, **bn)
         self.blocks = self._build_blocks(stem, stochastic_depth, bn)
-        last = round_channels(B0_STAGES[-1].channels, self.width)
-        head = round_channels(HEAD_CHANNELS, self.width)
+        last = round_channels(self.stages[-1].channels, self.width)
+        head = round_channels(base.head, self.width)
         self.head = ConvBNAct(last, head, 1, **bn)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(base.dropout if dropout is None else dropout, inplace=True)
@@ -137,15 +188,14 @@ class EfficientNet(nn.Module):
             self.set_fused(fused)
 
     def _build_blocks(self, in_channels, stochastic_depth, bn):
-        total = sum(round_repeats(s.repeats, self.depth) for s in B0_STAGES)
+        total = sum(round_repeats(s.repeats, self.depth) for s in self.stages)
         stages, index = [], 0
-        for spec in B0_STAGES:
+        for spec in self.stages:
             out_channels = round_channels(spec.channels, self.width)
             blocks = []
             for j in range(round_repeats(spec.repeats, self.depth)):
-                blocks.append(MBConv(in_channels, out_channels, spec.expand_ratio, spec.kernel_size,
-                                     spec.stride if j == 0 else 1, stochastic_depth * index / total,
-                                     padding=self.padding, **bn))
+                blocks.append(_block(spec, in_channels, out_channels, spec.stride if j == 0 else 1,
+                                     stochastic_depth * index / total, padding=self.padding, **bn))
                 in_channels, index = out_channels, index + 1
             stages.append(nn.Sequential(*blocks))
         return nn.Sequential(*stages)
@@ -184,7 +234,8 @@ class EfficientNet(nn.Module):
         return set_fused(self, fused)
 
     def mbconv_blocks(self):
-        return [m for m in self.modules() if isinstance(m, MBConv)]
+        """The residual blocks in order: MBConv, and V2's FusedMBConv."""
+        return [m for m in self.modules() if isinstance(m, (MBConv, FusedMBConv))]
 
     def forward_features(self, x):
         if x.dim() != 4:
@@ -201,6 +252,16 @@ class EfficientNet(nn.Module):
     def extra_repr(self):
         return (f"version={self.version!r}, width={self.width}, depth={self.depth}, "
                 f"resolution={self.resolution}, padding={self.padding!r}, fused={self.fused!r}")
+
+
+def _block(spec, in_channels, out_channels, stride, drop_prob, **kwargs):
+    """One block of stage `spec` (see BLOCK_KINDS)."""
+    if spec.block not in BLOCK_KINDS:
+        raise ValueError(f"unknown block kind {spec.block!r}; choose one of {BLOCK_KINDS}")
+    if spec.block == "mbconv":
+        return MBConv(in_channels, out_channels, spec.expand_ratio, spec.kernel_size, stride, drop_prob, **kwargs)
+    return FusedMBConv(in_channels, out_channels, spec.expand_ratio, spec.kernel_size, stride, drop_prob,
+                       project=spec.block == "fused_mbconv", **kwargs)
 
 
 _FUSED = {DWConvBNSiLU: FusedDWConvBNSiLU, SqueezeExcitation: FusedSqueezeExcitation, ConvBNAct: FusedConvBNAct}

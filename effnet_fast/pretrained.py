@@ -22,9 +22,10 @@ import torch
 from .convert import load_weights
 
 SOURCES = ("torchvision", "timm")
-# Variants with a stage table here: EfficientNet B0-B7, symmetric or TF 'same' padding.
-_TORCHVISION_ARCH = re.compile(r"efficientnet_(b[0-7])")
-_TIMM_ARCH = re.compile(r"(tf_)?efficientnet_(b[0-7])")
+# Architectures with a stage table here (the matching group is our version): EfficientNet
+# B0-B7 and EfficientNetV2 S/M/L (timm: also efficientnetv2_rw_s), symmetric or TF padding.
+_TORCHVISION_ARCH = re.compile(r"efficientnet_(b[0-7]|v2_[sml])")
+_TIMM_ARCH = re.compile(r"(?:tf_)?efficientnet_(b[0-7])|(?:tf_)?efficientnet(v2_[sml])|efficientnet(v2_rw_s)")
 
 
 def is_pretrained_name(name):
@@ -49,7 +50,8 @@ def from_pretrained(model_class, name, fused=False, file=None):
     peer, preprocessing = (_torchvision if source == "torchvision" else _timm)(model_name, file)
     version = _version_of(source, model_name)
     padding = "same" if source == "timm" and model_name.startswith("tf_") else "symmetric"
-    model = model_class(version, num_classes=len(preprocessing["classes"]), padding=padding, fused=fused)
+    model = model_class(version, num_classes=len(preprocessing["classes"]), padding=padding, fused=fused,
+                        bn_eps=_batch_norm_eps(peer))
     load_weights(model, peer)
     model.pretrained = {"name": name, **preprocessing}
     return model.eval()
@@ -59,9 +61,19 @@ def _version_of(source, model_name):
     arch = model_name.split(".", 1)[0]
     match = (_TORCHVISION_ARCH if source == "torchvision" else _TIMM_ARCH).fullmatch(arch)
     if match is None:
-        raise ValueError(f"{source}:{model_name}: {arch} is not an EfficientNet B0-B7 (symmetric or TF 'same' "
-                         "padding); other families, EfficientNetV2 among them, are not built here")
+        raise ValueError(f"{source}:{model_name}: {arch} is not an EfficientNet B0-B7 or EfficientNetV2 S/M/L "
+                         "(symmetric or TF 'same' padding; timm's efficientnetv2_rw_s too); other families are not "
+                         "built here")
     return match.group(match.lastindex)
+
+
+def _batch_norm_eps(peer):
+    """The peer's BatchNorm eps (timm's efficientnetv2_* use 1e-5 where torchvision's V2 and
+    the TF ports use 1e-3): ours is built with it, so the weights compute the same."""
+    eps = {m.eps for m in peer.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    if len(eps) != 1:
+        raise ValueError(f"the source model mixes BatchNorm eps {sorted(eps)}; it is not an EfficientNet built here")
+    return eps.pop()
 
 
 def _read_state_dict(file):

@@ -48,11 +48,32 @@ def test_timm_weights_by_name(tmp_path, name, padding):
     assert model.pretrained["classes"][0].startswith("tench")
 
 
+@pytest.mark.parametrize("name, version, padding, eps", [
+    ("torchvision:efficientnet_v2_s.IMAGENET1K_V1", "v2_s", "symmetric", 1e-3),
+    ("timm:tf_efficientnetv2_s.in21k_ft_in1k", "v2_s", "same", 1e-3),
+    ("timm:efficientnetv2_rw_s.ra2_in1k", "v2_rw_s", "symmetric", 1e-5),
+])
+def test_efficientnet_v2_weights_by_name(tmp_path, name, version, padding, eps):
+    """V2 by name, its padding and BatchNorm eps taken from the source model; compared in
+    float64 (a random deep V2 amplifies float32 rounding)."""
+    source, _, arch = name.partition(":")
+    lib = pytest.importorskip(source)
+    arch = arch.split(".")[0]
+    peer = lib.models.get_model(arch) if source == "torchvision" else lib.create_model(arch)
+    peer = _saved(peer, tmp_path / "v2.pth")
+    model = EfficientNet.from_pretrained(name, file=tmp_path / "v2.pth")
+    assert (model.version, model.padding, model.stem.bn.eps) == (version, padding, eps)
+    x = torch.randn(1, 3, 66, 66, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.double()(x), peer.double()(x), atol=1e-9, rtol=1e-9)
+    assert model.pretrained["size"] == (384 if source == "torchvision" else peer.pretrained_cfg["input_size"][-1])
+
+
 @pytest.mark.parametrize("name, message", [
     ("efficientnet_b0", "expected '<source>:<model>'"),
     ("keras:efficientnet_b0", "source one of"),
     ("torchvision:efficientnet_b0.NOPE", "torchvision lists IMAGENET1K_V1"),
-    ("torchvision:efficientnet_v2_s", "EfficientNetV2"),
+    ("timm:efficientnetv2_rw_t", "not an EfficientNet B0-B7 or EfficientNetV2 S/M/L"),
     ("timm:mobilenetv3_large_100", "not an EfficientNet B0-B7"),
 ])
 def test_bad_names_are_refused_by_name(name, message):

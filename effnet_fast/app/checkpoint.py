@@ -19,7 +19,7 @@ import zipfile
 import torch
 
 from ..convert import TF_PORT_LAYOUT, check_fits, convert_state_dict, detect_layout, load_weights
-from ..efficientnet import B0_STAGES, HEAD_CHANNELS, VARIANTS, EfficientNet, round_channels, round_repeats
+from ..efficientnet import VARIANTS, EfficientNet, round_channels, round_repeats
 from ..freeze import freeze
 from ..nn.layers import has_same_padding_marker
 from ..pretrained import is_pretrained_name
@@ -187,8 +187,8 @@ def infer_version(state_dict, layout="effnet_fast"):
     width and block count."""
     head, blocks = _architecture(state_dict, layout)
     for name, v in sorted(VARIANTS.items()):
-        if (round_channels(HEAD_CHANNELS, v.width) == head
-                and sum(round_repeats(s.repeats, v.depth) for s in B0_STAGES) == blocks):
+        if (round_channels(v.head, v.width) == head
+                and sum(round_repeats(s.repeats, v.depth) for s in v.stages) == blocks):
             return name
     raise ValueError(f"no variant has a {head}-channel head and {blocks} blocks")
 

@@ -65,8 +65,9 @@ def zero_init(model, classifier=True, residual=True):
         torch.nn.init.zeros_(model.classifier.bias)
     if residual:
         for block in model.mbconv_blocks():
-            if block.use_residual:
-                torch.nn.init.zeros_(block.project.bn.weight)
+            if block.use_residual:  # the branch's last BatchNorm (V2's "conv" blocks have no projection)
+                last = block.project if block.project is not None else block.conv
+                torch.nn.init.zeros_(last.bn.weight)
 
 
 def place_model(model, args, device):

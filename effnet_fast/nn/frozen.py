@@ -236,6 +236,26 @@ def se_project(h, gate, project, residual, se_scale):
     return out
 
 
+class FrozenFusedMBConv(FrozenModule):
+    """EfficientNetV2's Fused-MBConv with its BatchNorms folded: conv + SiLU, then the
+    projection when there is one (the residual added by its conv's post-op), else the
+    residual added after the SiLU. conv, project: FrozenConv (project None or without act)."""
+
+    def __init__(self, conv, project, has_skip):
+        super().__init__()
+        self.conv, self.project, self.has_skip = conv, project, has_skip
+
+    def forward(self, x):
+        h = self.conv(x)
+        residual = x if self.has_skip else None
+        if self.project is not None:
+            return self.project(h, residual)
+        return h if residual is None else h.add_(residual)
+
+    def extra_repr(self):
+        return f"residual={self.has_skip}"
+
+
 class FrozenSequential(FrozenModule):
     """Frozen (or kept) modules applied in order."""
 

@@ -240,6 +240,37 @@ class StochasticDepth(nn.Module):
         return f"p={self.p}"
 
 
+class FusedMBConv(nn.Module):
+    """EfficientNetV2's Fused-MBConv ("fused" is the paper's word: the 1x1 expand and the
+    depthwise conv merged into one regular k x k conv; timm calls it EdgeResidual): k x k
+    conv (+ BN + SiLU), then a 1x1 projection (+ BN), and stochastic depth + the identity
+    when the shape is kept. project=False drops the projection, the k x k conv mapping
+    straight to out_channels (torchvision's Fused-MBConv with expand ratio 1, timm's
+    ConvBnAct). (N, C_in, H, W) -> (N, C_out, H / stride, W / stride). set_fused swaps its
+    ConvBNActs for FusedConvBNAct (BN + SiLU as one op)."""
+
+    def __init__(self, in_channels, out_channels, expand_ratio, kernel_size, stride, drop_prob,
+                 project=True, bn_eps=1e-5, bn_momentum=0.1, padding="symmetric"):
+        super().__init__()
+        bn = dict(bn_eps=bn_eps, bn_momentum=bn_momentum)
+        if not project and expand_ratio != 1:
+            raise ValueError(f"a Fused-MBConv without projection maps {in_channels} to {out_channels} channels "
+                             f"directly; it has no expand ratio ({expand_ratio})")
+        mid = in_channels * expand_ratio if project else out_channels
+        self.conv = ConvBNAct(in_channels, mid, kernel_size, stride, padding=padding, **bn)
+        self.project = ConvBNAct(mid, out_channels, 1, act=False, **bn) if project else None
+        self.use_residual = stride == 1 and in_channels == out_channels
+        self.drop_path = StochasticDepth(drop_prob) if self.use_residual else nn.Identity()
+
+    def forward(self, x):
+        out = self.conv(x)
+        if self.project is not None:
+            out = self.project(out)
+        if self.use_residual:
+            out = self.drop_path(out) + x
+        return out
+
+
 class MBConv(nn.Module):
     """Inverted residual: 1x1 expand (+ BN + SiLU), depthwise k x k (+ BN + SiLU),
     squeeze-excitation, 1x1 project (+ BN), and stochastic depth + the identity when the
