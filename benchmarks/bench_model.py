@@ -12,7 +12,7 @@ dtype=bfloat16, OpenVINO with its bf16 precision hint; each checked against eage
 float32 (relative max diff and top-1 agreement printed). Training rows (SGD step,
 cross-entropy, separate copies): eager NCHW and channels_last, fused, torch.compile.
 
-  python benchmarks/bench_model.py [--version b0] [--batch 1 16] [--size N] [--dtype float32 bfloat16]
+  python benchmarks/bench_model.py [--version b0|v2_s|...] [--batch 1 16] [--size N] [--dtype float32 bfloat16]
                                    [--compile] [--onnx] [--peers] [--no-train] [--chart out.png]
   python benchmarks/bench_model.py --profile          (where the frozen model's forward spends its time)
 """
@@ -118,8 +118,10 @@ def peer_models(base):
                 import torchvision
                 model = getattr(torchvision.models, f"efficientnet_{base.version}")()
             else:
-                import timm
-                model = timm.create_model(f"efficientnet_{base.version}")
+                import timm  # its V2 is efficientnetv2_s (eps 1e-5 by default: given ours)
+                v2 = base.version.startswith("v2")
+                model = timm.create_model(f"efficientnet{base.version}" if v2 else f"efficientnet_{base.version}",
+                                          bn_eps=base.stem.bn.eps)
         except (ImportError, AttributeError, RuntimeError) as exc:
             print(f"  {peer}: skipped ({exc})")
             continue

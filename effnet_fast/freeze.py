@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from .efficientnet import EfficientNet
-from .nn.layers import ConvBNAct, DWConvBNSiLU, MBConv, SqueezeExcitation, is_same_padded
-from .nn.frozen import FrozenClassifier, FrozenConv, FrozenMBConv, FrozenSequential
+from .nn.layers import ConvBNAct, DWConvBNSiLU, FusedMBConv, MBConv, SqueezeExcitation, is_same_padded
+from .nn.frozen import FrozenClassifier, FrozenConv, FrozenFusedMBConv, FrozenMBConv, FrozenSequential
 from .ops.backends import check_fused_setting
-from .patch import ORIGINAL, Patched, block_parts, conv_bn_problem, kind_of, se_project_problem
+from .patch import (ORIGINAL, Patched, block_parts, conv_bn_problem, fused_mbconv_parts, kind_of,
+                    se_project_problem)
 
 
 def freeze(model, backend=True, dtype=None):
@@ -104,7 +105,8 @@ def _freeze(module, path, backend, kept):
     if type(module) is nn.Sequential:
         return FrozenSequential([_freeze(m, f"{path}.{name}", backend, kept) for name, m in module.named_children()])
     try:
-        frozen = _ours(module, backend) if isinstance(module, (ConvBNAct, DWConvBNSiLU, MBConv)) else None
+        frozen = _ours(module, backend) if isinstance(module, (ConvBNAct, DWConvBNSiLU, MBConv, FusedMBConv)) \
+            else None
         if frozen is None:
             frozen = _peers(module, backend)
     except ValueError:  # a BatchNorm without running statistics: it cannot be folded
@@ -133,6 +135,12 @@ def _ours(module, backend):
         if act not in ("silu", None) or not (type(module.conv) is nn.Conv2d or is_same_padded(module.conv)):
             return None
         return FrozenConv(module.conv, module.bn, act == "silu")
+    if isinstance(module, FusedMBConv):
+        conv = _ours(module.conv, backend)
+        project = None if module.project is None else _ours(module.project, backend)
+        if conv is None or not conv.act or (module.project is not None and (project is None or project.act)):
+            return None
+        return FrozenFusedMBConv(conv, project, module.use_residual)
     # MBConv
     expand = None if module.expand is None else _ours(module.expand, backend)
     if (module.expand is not None and expand is None) or not isinstance(module.se, SqueezeExcitation):
@@ -167,6 +175,8 @@ def _peers(module, backend):
         if _conv_bn_problem(conv, bn, act):
             return None
         return FrozenConv(conv, bn, act is not None)
+    if kind in ("torchvision_fused_mbconv", "timm_edge_residual", "timm_conv_bn_act"):
+        return _peer_fused_mbconv(module, kind)
     if kind not in ("torchvision_mbconv", "timm_inverted_residual", "timm_depthwise_separable"):
         return None
     parts = block_parts(module, kind)
@@ -183,3 +193,18 @@ def _peers(module, backend):
     fc1, _, fc2, _ = parts.se
     return FrozenMBConv(expand, FrozenConv(conv, bn, True), fc1, fc2, FrozenConv(*parts.project[:2]),
                         parts.has_skip, backend)
+
+
+def _peer_fused_mbconv(module, kind):
+    """FrozenFusedMBConv of a torchvision / timm Fused-MBConv block, or None."""
+    parts = fused_mbconv_parts(module, kind)
+    if parts is None:
+        return None
+    (conv, bn, act), project, has_skip = parts
+    if _conv_bn_problem(conv, bn, act) or not isinstance(act, nn.SiLU):
+        return None
+    if project is not None:
+        if _conv_bn_problem(*project) or project[2] is not None:
+            return None
+        project = FrozenConv(*project[:2])
+    return FrozenFusedMBConv(FrozenConv(conv, bn, True), project, has_skip)

@@ -1,5 +1,8 @@
-"""Fused layers for the EfficientNets users already have: torchvision `efficientnet_b0..b7`
-and timm `efficientnet_b*` / `tf_efficientnet_b*`, swapped in place. The TF ports' strided
+"""Fused layers for the EfficientNets users already have: torchvision `efficientnet_b0..b7` /
+`efficientnet_v2_*` and timm `efficientnet_b*` / `tf_efficientnet_b*` / `efficientnetv2_*` /
+`tf_efficientnetv2_*`, swapped in place. In EfficientNetV2's Fused-MBConv blocks (torchvision's
+FusedMBConv, timm's EdgeResidual and ConvBnAct) the conv + BN + SiLU layers are swapped; the
+block's own forward adds the residual. The TF ports' strided
 depthwise convs (timm's Conv2dSame, TF 'same' padding) run the fused op with the
 asymmetric padding of each input's size; the report lists them.
 
@@ -104,6 +107,8 @@ def _adapt(module, path, backend, report):
         return _adapter(module, PatchedLayer, views, kind, backend)
     if kind == "timm_batch_norm_act":
         problem = _bn_problem(module)
+        if not problem and _bn_act(module) is None:
+            return None  # a BatchNorm without activation (a projection's): nothing to fuse it with
         if problem or not isinstance(module.act, nn.SiLU):
             report.left_alone.append((path, problem or f"activation {type(module.act).__name__}, not SiLU"))
             return None
@@ -119,9 +124,12 @@ def kind_of(module):
     cls = type(module)
     known = {
         ("torchvision.models.efficientnet", "MBConv"): "torchvision_mbconv",
+        ("torchvision.models.efficientnet", "FusedMBConv"): "torchvision_fused_mbconv",
         ("torchvision.ops.misc", "Conv2dNormActivation"): "torchvision_conv_norm_act",
         ("timm.models._efficientnet_blocks", "InvertedResidual"): "timm_inverted_residual",
         ("timm.models._efficientnet_blocks", "DepthwiseSeparableConv"): "timm_depthwise_separable",
+        ("timm.models._efficientnet_blocks", "EdgeResidual"): "timm_edge_residual",
+        ("timm.models._efficientnet_blocks", "ConvBnAct"): "timm_conv_bn_act",
         ("timm.layers.norm_act", "BatchNormAct2d"): "timm_batch_norm_act",
         ("torchvision.models.efficientnet", "EfficientNet"): "torchvision_efficientnet",
         ("timm.models.efficientnet", "EfficientNet"): "timm_efficientnet",
@@ -314,6 +322,23 @@ def se_project_problem(parts):
     conv, bn, act = parts.project
     return (_conv_problem(conv, pointwise=True) or _bn_problem(bn)
             or (f"activation {type(act).__name__} after the projection" if act is not None else None))
+
+
+def fused_mbconv_parts(block, kind):
+    """EfficientNetV2's Fused-MBConv blocks of torchvision (FusedMBConv) and timm
+    (EdgeResidual, ConvBnAct): ((conv, bn, act), (conv, bn, act) of the projection or None,
+    has_skip), or None for a timm block with parts besides those."""
+    if kind == "torchvision_fused_mbconv":
+        layers = [(m[0], m[1], m[2] if len(m) > 2 else None) for m in block.block]
+        return layers[0], (layers[1] if len(layers) > 1 else None), block.use_res_connect
+    if _timm_block_problem(block):
+        return None
+    if kind == "timm_conv_bn_act":
+        return (block.conv, block.bn1, _bn_act(block.bn1)), None, block.has_skip
+    if not isinstance(block.se, nn.Identity):
+        return None
+    return ((block.conv_exp, block.bn1, _bn_act(block.bn1)), (block.conv_pwl, block.bn2, _bn_act(block.bn2)),
+            block.has_skip)
 
 
 # --- views and adapters ----------------------------------------------------------------

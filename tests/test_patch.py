@@ -12,7 +12,7 @@ import effnet_fast
 from effnet_fast import freeze
 from effnet_fast.app.benchmark import calibrate_bn
 from effnet_fast.ops.backends import backend_built
-from effnet_fast.patch import Patched
+from effnet_fast.patch import ORIGINAL, Patched
 
 from test_model import randomize
 
@@ -97,7 +97,7 @@ def check_training_step(original, patched, channels_last):
 
 def assert_blocks_patched(model, blocks):
     block_types = ("MBConv", "InvertedResidual", "DepthwiseSeparableConv")
-    found = [m for m in model.modules() if type(m).__name__.removeprefix("Fused") in block_types]
+    found = [m for m in model.modules() if type(m.__dict__.get(ORIGINAL, m)).__name__ in block_types]
     assert len(found) == blocks and all(isinstance(m, Patched) for m in found)
 
 
@@ -118,6 +118,26 @@ def test_b0_matches_original(family, channels_last):
 def test_larger_variants_match_original(family, version, channels_last):
     original, patched, report = pair(family, version, channels_last)
     assert not report.left_alone, report
+    check_eval(original, patched, channels_last)
+    check_training_step(original, patched, channels_last)
+
+
+V2_MODELS = [("torchvision", "v2_s"), ("tf_efficientnetv2", "s"),
+             pytest.param("efficientnetv2_rw", "s", marks=pytest.mark.slow)]
+V2_S_MBCONV_BLOCKS = 6 + 9 + 15
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("family,version", V2_MODELS)
+def test_efficientnet_v2_matches_original(family, version, channels_last):
+    """EfficientNetV2: its MBConv blocks patched whole; in its Fused-MBConv blocks the conv
+    + BN + SiLU layers (torchvision's Conv2dNormActivation, timm's BatchNormAct2d) run the
+    fused BN + SiLU op. Nothing left alone; outputs, gradients and BN statistics equal."""
+    original, patched, report = pair(family, version, channels_last)
+    assert not report.left_alone, report
+    assert_blocks_patched(patched, V2_S_MBCONV_BLOCKS)
+    fused_mbconv = [m for m in patched.modules() if type(m).__name__ in ("FusedMBConv", "EdgeResidual", "ConvBnAct")]
+    assert fused_mbconv and all(any(isinstance(c, Patched) for c in m.modules()) for m in fused_mbconv)
     check_eval(original, patched, channels_last)
     check_training_step(original, patched, channels_last)
 

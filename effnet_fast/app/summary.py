@@ -1,5 +1,5 @@
 """`effnet-fast summary`: parameters and multiply-adds of each variant, set beside the
-paper's table, and a forward pass."""
+papers' tables, and a forward pass."""
 import functools
 
 import torch
@@ -8,9 +8,13 @@ from torch import nn
 from ..efficientnet import VARIANTS, EfficientNet
 from .args import HelpFormatter, positive_int
 
-# The paper's Table 2: FLOPs (multiply-adds, billions) and ImageNet top-1.
-PAPER = {"b0": (0.39, 77.1), "b1": (0.70, 79.1), "b2": (1.0, 80.1), "b3": (1.8, 81.6),
-         "b4": (4.2, 82.9), "b5": (9.9, 83.6), "b6": (19.0, 84.0), "b7": (37.0, 84.3)}
+# The papers' tables: parameters (millions), FLOPs (multiply-adds, billions) and ImageNet
+# top-1. V1: Tan & Le 2019, Table 2; V2: Tan & Le 2021, Table 7 (S at 384 px, M and L at
+# 480). timm's efficientnetv2_rw_s is not in the paper.
+PAPER = {"b0": (5.3, 0.39, 77.1), "b1": (7.8, 0.70, 79.1), "b2": (9.2, 1.0, 80.1), "b3": (12, 1.8, 81.6),
+         "b4": (19, 4.2, 82.9), "b5": (30, 9.9, 83.6), "b6": (43, 19.0, 84.0), "b7": (66, 37.0, 84.3),
+         "v2_s": (22, 8.8, 83.9), "v2_m": (54, 24.0, 85.1), "v2_l": (120, 53.0, 85.7)}
+NOT_IN_PAPER = (None, None, None)
 
 
 def count_macs(model, resolution=None):
@@ -43,28 +47,36 @@ def _meta_copy(model):
 
 
 def variant_table(versions=None):
-    """Rows of (version, width, depth, resolution, params, GMACs, paper GMACs, paper top-1)."""
+    """Rows of (version, width, depth, resolution, params, GMACs, paper params (M),
+    paper GMACs, paper top-1); the paper's values are None where it has none."""
     rows = []
     for v in versions or sorted(VARIANTS):
         model = EfficientNet(v)
         spec = VARIANTS[v]
         params = sum(p.numel() for p in model.parameters())
-        rows.append((v, spec.width, spec.depth, spec.resolution, params, count_macs(model) / 1e9, *PAPER[v]))
+        rows.append((v, spec.width, spec.depth, spec.resolution, params, count_macs(model) / 1e9,
+                     *PAPER.get(v, NOT_IN_PAPER)))
     return rows
 
 
+def _paper(value, fmt, unit=""):
+    return "-" if value is None else format(value, fmt) + unit
+
+
 def format_variant_table(rows):
-    head = f"{'model':<6}{'width':>6}{'depth':>6}{'res':>5}{'params':>13}{'GMACs':>8}{'paper GMACs':>13}{'paper top-1':>13}"
+    head = (f"{'model':<8}{'width':>6}{'depth':>6}{'res':>5}{'params':>13}{'GMACs':>8}{'paper params':>14}"
+            f"{'paper GMACs':>13}{'paper top-1':>13}")
     lines = [head, "-" * len(head)]
-    for v, w, d, r, p, macs, paper_macs, top1 in rows:
-        lines.append(f"{v:<6}{w:>6.1f}{d:>6.1f}{r:>5}{p:>13,}{macs:>8.2f}{paper_macs:>13.2f}{top1:>13.1f}")
+    for v, w, d, r, p, macs, paper_params, paper_macs, top1 in rows:
+        lines.append(f"{v:<8}{w:>6.1f}{d:>6.1f}{r:>5}{p:>13,}{macs:>8.2f}{_paper(paper_params, 'g', 'M'):>14}"
+                     f"{_paper(paper_macs, '.2f'):>13}{_paper(top1, '.1f'):>13}")
     return "\n".join(lines)
 
 
 def add_command(sub):
     """The `summary` subcommand of the command line."""
     p = sub.add_parser("summary", formatter_class=HelpFormatter,
-                       help="variants B0-B7 beside the paper's table, and a forward pass")
+                       help="variants B0-B7 and V2 beside the papers' tables, and a forward pass")
     p.add_argument("versions", nargs="*", metavar="VERSION", help=f"variants to list ({', '.join(sorted(VARIANTS))}); "
                    "default: all")
     p.add_argument("--size", type=positive_int, help="forward-pass input size (default: the variant's resolution)")
