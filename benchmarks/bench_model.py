@@ -134,8 +134,7 @@ def peer_models(base):
 
 
 def autocast_forward(model, x, dtype=torch.bfloat16):
-    with torch.autocast("cpu", dtype=dtype):
-        return eval_forward(model, x)
+    return eval_forward(model, x, amp=dtype)
 
 
 def eval_candidates(args, base, x_nchw, x_cl):
@@ -178,6 +177,8 @@ def agreement(actual, expected):
 
 # Largest max |diff| / max |eager float32| accepted before timing a candidate.
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1}
+# A bfloat16 row closer than this to float32 ran in float32 (its label would be wrong).
+LOW_PRECISION_MIN_DIFF = 1e-4
 
 
 def train_candidates(args, base, x_nchw, x_cl, y):
@@ -256,6 +257,8 @@ def eval_table(args, base, x_nchw, x_cl):
         if rel > TOLERANCE[dtype]:
             raise AssertionError(f"{label}: output differs from eager float32 by {rel:.3g} of its largest value "
                                  f"(accepted for {dtype}: {TOLERANCE[dtype]})")
+        if dtype != "float32" and rel < LOW_PRECISION_MIN_DIFF:
+            raise AssertionError(f"{label}: output equals eager float32 to {rel:.3g}: it did not compute in {dtype}")
         checks.append((rel, top1))
         print(f"  ready: {label}", file=sys.stderr)
     times = in_turns([fn for _, _, fn in evals], args.repeats)

@@ -28,6 +28,17 @@ def test_bench_runs(capsys):
     assert "speedup" in capsys.readouterr().out
 
 
+def test_eval_forward_keeps_an_outer_autocast():
+    """eval_forward without amp= enters no autocast context of its own: an autocast the
+    caller entered stays on (autocast(enabled=False) inside would silently run float32)."""
+    from effnet_fast.app.benchmark import eval_forward
+    model, x = torch.nn.Conv2d(3, 4, 1), torch.randn(2, 3, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert eval_forward(model, x).dtype == torch.bfloat16
+    assert eval_forward(model, x, amp=torch.bfloat16).dtype == torch.bfloat16
+    assert eval_forward(model, x).dtype == eval_forward(model, x, amp=torch.float32).dtype == torch.float32
+
+
 def test_bench_runs_in_bfloat16(capsys):
     """--dtype bfloat16: eager under autocast against the model frozen in bfloat16 (and
     both training under autocast), each checked against float32 first."""

@@ -1,4 +1,5 @@
 """Timing helpers shared by the command line and benchmarks/."""
+import contextlib
 import time
 from typing import NamedTuple
 
@@ -66,9 +67,11 @@ def copy_bandwidth(device="cpu", nbytes=None, repeats=5):
 
 
 def autocast_to(dtype, device):
-    """torch.autocast to dtype on device, or nothing for dtype None / float32."""
-    return torch.autocast(torch.device(device).type, dtype=dtype,
-                          enabled=dtype not in (None, torch.float32))
+    """torch.autocast to dtype on device, or nothing for dtype None / float32: no context at
+    all, since autocast(enabled=False) would switch off an autocast the caller entered."""
+    if dtype in (None, torch.float32):
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def eval_forward(model, x, run=None, amp=None):
