@@ -1,4 +1,5 @@
-"""The benchmark suite's cases: B0's layer shapes (read off the model itself), the
+"""The benchmark suite's cases: the layer shapes of B0 (and of the other variants named by
+--bench-versions, e.g. v2_s: read off each model itself, at its resolution), the
 implementations that can run on a device, and for each (op, shape, device, dtype,
 layout, mode, implementation) the callable that pytest-benchmark times, checked against
 eager PyTorch before it is timed.
@@ -33,23 +34,40 @@ LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last
 MODES = ("eval", "train")
 # Largest relative error (max |impl - eager| / max |eager|) over the output and gradients.
 TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 4e-2, torch.float16: 1e-2}
-MODEL_SIZE = 224
 
 
 # ----------------------------------------------------------------------------- shapes
 
+def model_size(version):
+    """The input size of the whole-model cases: the variant's own resolution."""
+    from effnet_fast.efficientnet import VARIANTS
+    return VARIANTS[version].resolution
+
+
+def suite_shapes(versions=("b0",)):
+    """{op: [shape, ...]}: the distinct layer shapes of the variants, in order (see
+    layer_shapes), each once; the model op: one (version,) per variant."""
+    merged = {op: [] for op in OPS}
+    for version in versions:
+        for op, shapes in layer_shapes(version).items():
+            merged[op] += [s for s in shapes if s not in merged[op]]
+    return merged
+
+
 @functools.lru_cache(maxsize=None)
-def b0_shapes():
-    """{op: [shape, ...]}: the distinct layer shapes of EfficientNet-B0 at 224x224, in
-    network order, recorded by forward hooks during one forward of effnet_fast's B0:
+def layer_shapes(version="b0"):
+    """{op: [shape, ...]}: the distinct layer shapes of an EfficientNet variant at its
+    resolution (B0: 224x224), in network order, recorded by forward hooks during one
+    forward of effnet_fast's model:
       dwconv_bn_silu          (channels, input size, kernel, stride)
       squeeze_excite          (channels, reduced channels, size)
       squeeze_excite_project  (channels, reduced channels, size, projection channels)
-      bn_silu                 (channels, size) of each BatchNorm + SiLU (stem, expand, head)
+      bn_silu                 (channels, size) of each BatchNorm + SiLU (stem, expand, head,
+                              and V2's Fused-MBConv convs)
     """
     from effnet_fast import EfficientNet
     from effnet_fast.nn import ConvBNAct, DWConvBNSiLU, MBConv, SqueezeExcitation
-    model = EfficientNet("b0").eval()
+    model = EfficientNet(version).eval()
     found = {op: [] for op in OPS if op != "model"}
 
     def record(op, shape):
@@ -84,10 +102,10 @@ def b0_shapes():
         if isinstance(m, ConvBNAct) and hasattr(m, "act"):
             handles.append(m.bn.register_forward_hook(hook))
     with torch.no_grad():
-        model(torch.zeros(1, 3, MODEL_SIZE, MODEL_SIZE))
+        model(torch.zeros(1, 3, model.resolution, model.resolution))
     for h in handles:
         h.remove()
-    found["model"] = [("b0",)]
+    found["model"] = [(version,)]
     return found
 
 
@@ -148,9 +166,10 @@ def implementations(device, compile_rows=False, interpret=False, op=None):
 
 
 def all_cases(op, devices, dtypes, layouts, modes, batch, compile_rows=False, interpret=False, shapes=None,
-              max_size=None):
+              max_size=None, versions=("b0",)):
     out = []
-    op_shapes = b0_shapes()[op][:shapes] if shapes else b0_shapes()[op]
+    op_shapes = suite_shapes(tuple(versions))[op]
+    op_shapes = op_shapes[:shapes] if shapes else op_shapes
     for device in devices:
         impls = implementations(device, compile_rows, interpret, op)
         for dtype in dtypes[device]:
@@ -320,10 +339,12 @@ def _calibrated_model(version, batch, size, device):
 
 
 def build_model(case):
-    """(Bench for case.impl, Bench for eager) of the whole B0: eval forward or one SGD step."""
+    """(Bench for case.impl, Bench for eager) of the whole model (case.shape: (version,)):
+    eval forward or one SGD step."""
     device = torch.device(case.device)
     dtype, fmt = DTYPES[case.dtype], LAYOUTS[case.layout]
-    size = min(MODEL_SIZE, case.max_size) if case.max_size else MODEL_SIZE
+    size = model_size(case.shape[0])
+    size = min(size, case.max_size) if case.max_size else size
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(case.batch, 3, size, size, generator=gen)
     y = torch.randint(0, 1000, (case.batch,), generator=gen).to(device)

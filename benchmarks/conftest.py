@@ -30,6 +30,8 @@ def pytest_addoption(parser):
     g.addoption("--bench-compile", action="store_true", help="add torch.compile rows (compiles every shape: slow)")
     g.addoption("--bench-batch", type=int, default=None, help="batch (default: 16 on cpu, 128 on cuda)")
     g.addoption("--bench-shapes", type=int, default=None, help="only the first N shapes of each op")
+    g.addoption("--bench-versions", default="b0",
+                help="comma list of variants whose layer shapes (and whole model) are benchmarked, e.g. b0,v2_s")
     g.addoption("--bench-time", type=float, default=0.2, help="seconds of timed calls per benchmark (about)")
     g.addoption("--bench-min-rounds", type=int, default=5)
     g.addoption("--bench-budget-s", type=float, default=None,
@@ -66,6 +68,10 @@ def pytest_generate_tests(metafunc):
         unknown = set(value) - set(known)
         if unknown:
             raise pytest.UsageError(f"unknown {sorted(unknown)}; choose from {list(known)}")
+    from effnet_fast.efficientnet import VARIANTS
+    unknown = set(_list(opt("--bench-versions"))) - VARIANTS.keys()
+    if unknown:
+        raise pytest.UsageError(f"--bench-versions: unknown {sorted(unknown)}; choose from {sorted(VARIANTS)}")
     quick = opt("--bench-quick")
     op = metafunc.module.OP
     # Quick runs: a small batch, but not for the model, whose last maps are 1x1 at 32x32
@@ -76,7 +82,7 @@ def pytest_generate_tests(metafunc):
     cases = [] if ops and op not in ops else all_cases(
         op, devices, dtypes, layouts, modes, batch, compile_rows=opt("--bench-compile"),
         interpret=opt("--bench-interpret"), shapes=1 if quick else opt("--bench-shapes"),
-        max_size=(64 if op == "model" else 16) if quick else None)
+        max_size=(64 if op == "model" else 16) if quick else None, versions=_list(opt("--bench-versions")))
     metafunc.parametrize("case", cases, ids=[c.id for c in cases])
 
 
