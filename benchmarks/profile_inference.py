@@ -4,7 +4,8 @@
   ort N        ONNX Runtime's profiler (SessionOptions.enable_profiling), ms per op type, batch N
   convs N      each of the frozen model's convs timed alone on its recorded input, ms by kind
   onednn N     oneDNN's own execution time of the frozen model's convs (mkldnn verbose), batch N
-  depthwise    oneDNN's depthwise conv + SiLU against the project's dwconv_bn_silu kernel
+  depthwise N B  oneDNN's depthwise conv + SiLU against the project's dwconv_bn_silu kernel, batch N,
+               bfloat16 when B is 1
   faults N     minor page faults per frozen forward, batch N
 
   OMP_NUM_THREADS=1 python benchmarks/profile_inference.py convs 1
@@ -108,21 +109,24 @@ def verbose(n):
             model(x)
 
 
-def depthwise():
+def depthwise(n=1, bf16=0):
+    """B0's depthwise shapes at batch n (bf16=1: in bfloat16), oneDNN against ours."""
     from effnet_fast.ops.backends import kernels
     k, total_onednn, total_ours = kernels("cpu"), 0.0, 0.0
+    dtype = torch.bfloat16 if bf16 else torch.float32
     for h, c, ks, s in ((112, 32, 3, 1), (112, 96, 3, 2), (56, 144, 3, 1), (56, 144, 5, 2), (28, 240, 5, 1),
                         (28, 240, 3, 2), (14, 480, 3, 1), (14, 480, 5, 1), (14, 672, 5, 1), (14, 672, 5, 2),
                         (7, 1152, 5, 1), (7, 1152, 3, 1)):
-        x = torch.randn(1, c, h, h).to(memory_format=torch.channels_last)
-        w, b, one, p = torch.randn(c, 1, ks, ks), torch.randn(c), torch.ones(c), ks // 2
+        x = torch.randn(n, c, h, h, dtype=dtype).to(memory_format=torch.channels_last)
+        w, b, one = (t.to(dtype) for t in (torch.randn(c, 1, ks, ks), torch.randn(c), torch.ones(c)))
+        p = ks // 2
         packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), [p, p], [s, s], [1, 1], c, list(x.shape))
         onednn_us = mean_us(lambda: torch.ops.mkldnn._convolution_pointwise(x, packed, b, [p, p], [s, s], [1, 1], c,
                                                                              "swish", [], ""))
         ours_us = mean_us(lambda: k.dwconv_bn_silu_forward(x, w, one, b, s))
         total_onednn, total_ours = total_onednn + onednn_us, total_ours + ours_us
         print(f"{h}x{h}x{c} k{ks} s{s}: oneDNN {onednn_us:.0f} us, ours {ours_us:.0f} us")
-    print(f"all 12 at batch 1: oneDNN {total_onednn / 1e3:.2f} ms, ours {total_ours / 1e3:.2f} ms")
+    print(f"all 12 at batch {n}, {dtype}: oneDNN {total_onednn / 1e3:.2f} ms, ours {total_ours / 1e3:.2f} ms")
 
 
 def faults(n, repeats=5):

@@ -143,3 +143,34 @@ def test_predict_refuses_a_file_that_is_not_weights(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["predict", str(png), "--weights", str(bad)])
     assert exc.value.code == 2 and "--weights" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source", ["torchvision", "timm"])
+def test_predict_preprocesses_as_the_source(tmp_path, source):
+    """A non-square image goes through the source's own evaluation transform: shorter side
+    resized with the source's interpolation, centre crop, its mean and std, as
+    torchvision's weights.transforms() / timm's create_transform compute it."""
+    from effnet_fast.app.predict import preprocess
+    pixels = (torch.rand(3, 150, 230) * 255).to(torch.uint8)
+    path = tmp_path / "wide.png"
+    _save_png(pixels.float() / 255, path)
+    if source == "torchvision":
+        torchvision = pytest.importorskip("torchvision")
+        transform = torchvision.models.EfficientNet_V2_S_Weights.IMAGENET1K_V1.transforms()
+        info = {"size": 384, "crop_fraction": 1.0, "mean": transform.mean, "std": transform.std,
+                "interpolation": transform.interpolation.value}
+    else:
+        timm = pytest.importorskip("timm")
+        cfg = timm.data.resolve_data_config({}, model=timm.create_model("tf_efficientnet_b0"))
+        transform = timm.data.create_transform(**cfg)
+        info = {"size": cfg["input_size"][-1], "crop_fraction": cfg["crop_pct"], "mean": cfg["mean"],
+                "std": cfg["std"], "interpolation": cfg["interpolation"]}
+    assert info["interpolation"] == ("bilinear" if source == "torchvision" else "bicubic")  # V2-S's; timm's
+    from PIL import Image
+    expected = transform(Image.open(path).convert("RGB"))
+    x = preprocess([path], info)
+    assert x.shape == (1, 3, info["size"], info["size"])
+    # PIL's bicubic (the peers on a PIL image) and torch's antialiased bicubic round differently
+    assert (x[0] - expected).abs().mean() < 0.02, (x[0] - expected).abs().mean()
+    other = {"bilinear": "bicubic", "bicubic": "bilinear"}[info["interpolation"]]
+    assert not torch.equal(preprocess([path], {**info, "interpolation": other}), x)  # the setting is used

@@ -212,13 +212,13 @@ def _names_pretrained(path):
 def load_model(path, version=None, fused=False, use_ema=True):
     """(model in eval mode, info) from a training checkpoint, a bare state dict or
     pretrained weights by name (effnet_fast.pretrained, with the source's preprocessing).
-    info: version, num_classes, classes, size, mean, std, crop_fraction, ema."""
+    info: version, num_classes, classes, size, mean, std, crop_fraction, interpolation, ema."""
     if _names_pretrained(path):
         model = EfficientNet.from_pretrained(str(path), fused=fused)
         pre = model.pretrained
         return model, {"version": model.version, "num_classes": len(pre["classes"]), "classes": pre["classes"],
                        "size": pre["size"], "mean": pre["mean"], "std": pre["std"],
-                       "crop_fraction": pre["crop_fraction"], "ema": False}
+                       "crop_fraction": pre["crop_fraction"], "interpolation": pre["interpolation"], "ema": False}
     obj = load_tensors(path)
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: not a checkpoint nor a state dict")
@@ -243,7 +243,8 @@ def load_model(path, version=None, fused=False, use_ema=True):
     info = {"version": version, "num_classes": num_classes, "classes": list(classes),
             "size": pre.get("size") or model.resolution, "mean": tuple(pre.get("mean") or IMAGENET_MEAN),
             "std": tuple(pre.get("std") or IMAGENET_STD),
-            "crop_fraction": pre.get("crop_fraction", 0.875), "ema": ema}
+            "crop_fraction": pre.get("crop_fraction", 0.875), "interpolation": pre.get("interpolation", "bilinear"),
+            "ema": ema}
     return model.eval(), info
 
 

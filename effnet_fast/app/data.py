@@ -106,11 +106,15 @@ def train_transform(size, scale=0.08, hflip=0.5, mean=IMAGENET_MEAN, std=IMAGENE
     return v2.Compose(steps)
 
 
-def eval_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_fraction=0.875, tensor_input=False):
-    """Resize to size / crop_fraction, centre crop `size`, normalisation."""
+def eval_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_fraction=0.875, tensor_input=False,
+                   interpolation="bilinear"):
+    """Resize the shorter side to size / crop_fraction (antialiased, with `interpolation`:
+    "bilinear", or "bicubic" as most pretrained weights name), centre crop `size`,
+    normalisation."""
     from torchvision.transforms import v2
     steps = [] if tensor_input else [v2.ToImage()]
-    steps += [v2.Resize(int(math.floor(size / crop_fraction)), antialias=True), v2.CenterCrop(size),
+    steps += [v2.Resize(int(math.floor(size / crop_fraction)), interpolation=v2.InterpolationMode(interpolation),
+                        antialias=True), v2.CenterCrop(size),
               v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     return v2.Compose(steps)
 

@@ -12,21 +12,15 @@ from .args import (AMP_DTYPES, FUSED_METAVAR, HelpFormatter, check_amp_on_device
                    default_device, device_arg, fused_arg, positive_int)
 from ..pretrained import is_pretrained_name
 from .checkpoint import load_model, serving_model
-from .data import UnreadableImage, read_image
+from .data import UnreadableImage, eval_transform, read_image
 
 
 def preprocess(paths, info):
-    """The images as one normalised batch, as the validation set was fed (read as training
-    reads them: read_image raises UnreadableImage naming a file that is not an image)."""
-    from torchvision.transforms import v2
-    size = info["size"]
-    steps = [v2.ToImage()]
-    if info["crop_fraction"] < 1.0:
-        steps += [v2.Resize(int(size / info["crop_fraction"]), antialias=True), v2.CenterCrop(size)]
-    else:
-        steps += [v2.Resize((size, size), antialias=True)]
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(info["mean"], info["std"])]
-    transform = v2.Compose(steps)
+    """The images as one normalised batch, as the validation set was fed (eval_transform
+    with the model's size, crop, mean, std and interpolation; read as training reads them:
+    read_image raises UnreadableImage naming a file that is not an image)."""
+    transform = eval_transform(info["size"], info["mean"], info["std"], info["crop_fraction"],
+                               interpolation=info.get("interpolation", "bilinear"))
     return torch.stack([transform(read_image(path)) for path in paths])
 
 
