@@ -221,3 +221,27 @@ def test_train_init_from_a_tf_port(tmp_path, capsys):
     assert "epoch 1/1" in capsys.readouterr().out
     model, _ = load_model(tmp_path / "ck.pt")
     assert model.padding == "same"
+
+
+@pytest.mark.parametrize("size", [64, 65], ids=["even-asymmetric", "odd-symmetric"])
+def test_frozen_tf_conv_pads_in_the_conv_where_it_can(size, monkeypatch):
+    """A stride-2 TF 'same' conv whose zeros fall equally on both sides (odd sizes) takes
+    them as the conv's own padding, with no pad copy; asymmetric zeros (even sizes) are
+    written by one. Both equal timm's Conv2dSame."""
+    import effnet_fast.nn.frozen as frozen_module
+    from effnet_fast.nn.frozen import FrozenConv
+    torch.manual_seed(0)
+    conv = timm.layers.Conv2dSame(8, 8, 5, stride=2, groups=8, bias=False)
+    frozen = FrozenConv(conv, None, act=True)
+    copies, real_pad = [], F.pad
+    for channels_last in (False, True):
+        x = torch.randn(2, 8, size, size)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            expected = F.silu(conv(x))  # timm pads with F.pad too: counted only around the frozen conv
+            with monkeypatch.context() as m:
+                m.setattr(frozen_module.F, "pad", lambda *a, **k: copies.append(1) or real_pad(*a, **k))
+                got = frozen(x)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert bool(copies) == (size % 2 == 0), copies

@@ -126,35 +126,39 @@ class FrozenConv(FrozenModule):
         state["_packed"] = None  # an opaque oneDNN tensor: rebuilt after unpickling
         return state
 
-    def _geometry(self):
-        return list(self.padding), list(self.stride), list(self.dilation), self.groups
+    def _geometry(self, padding=None):
+        return list(padding or self.padding), list(self.stride), list(self.dilation), self.groups
 
-    def _onednn_weight(self, x):
+    def _onednn_weight(self, x, geometry):
         if self._packed is None:
-            self._packed = torch._C._nn.mkldnn_reorder_conv2d_weight(self.weight.to_mkldnn(), *self._geometry(),
+            self._packed = torch._C._nn.mkldnn_reorder_conv2d_weight(self.weight.to_mkldnn(), *geometry,
                                                                      list(x.shape))
         return self._packed
 
     def _pad_same(self, x):
-        """x with TF 'same' padding's zeros (asymmetric for stride 2), in x's layout: the
-        oneDNN op takes one padding per dim, so the zeros are written by a pad copy."""
+        """(x, padding) for TF 'same' padding: where its zeros are the same on both sides of
+        each dim (odd sizes at stride 2, every stride-1 conv) the conv pads them itself (x
+        as it is); otherwise (asymmetric: the oneDNN op takes one padding per dim) x with
+        the zeros written by a pad copy, in x's layout, and padding 0."""
         top, bottom, left, right = same_padding(self, x)
-        if not (top or bottom or left or right):
-            return x
+        if top == bottom and left == right:
+            return x, (top, left)
         padded = F.pad(x, (left, right, top, bottom))
-        return padded.contiguous(memory_format=torch.channels_last) if is_channels_last(x) else padded
+        return (padded.contiguous(memory_format=torch.channels_last) if is_channels_last(x) else padded), (0, 0)
 
     def forward(self, x, residual=None):
+        padding = self.padding
         if self.same:
-            x = self._pad_same(x)
+            x, padding = self._pad_same(x)
         if onednn_ok(x) and self.weight.dtype == x.dtype:
-            weight, geometry = self._onednn_weight(x), self._geometry()
+            geometry = self._geometry(padding)
+            weight = self._onednn_weight(x, geometry)
             if residual is not None:
                 return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, weight, self.bias, *geometry,
                                                                      "add", 1.0, None, [], None)
             return torch.ops.mkldnn._convolution_pointwise(x, weight, self.bias, *geometry,
                                                            "swish" if self.act else "none", [], "")
-        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        y = F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
         if residual is not None:
             return y.add_(residual)
         return F.silu(y, inplace=True) if self.act else y
