@@ -357,3 +357,17 @@ def test_memory_flat_over_many_calls(dtype):
     grown = _resident_bytes() - before
     assert grown < 16 << 20, f"resident memory grew by {grown / 2**20:.1f} MiB over 1,000 calls"
     assert len(fast._chunk_plans) <= 3
+
+
+def test_output_is_an_ordinary_tensor():
+    """The frozen model computes in inference mode, but its logits are an ordinary tensor:
+    modifiable in place and usable in autograd afterwards (an inference tensor is neither)."""
+    frozen = freeze(EfficientNet("b0", num_classes=10).eval())
+    logits = frozen(torch.randn(2, 3, 64, 64))
+    assert not logits.is_inference() and not logits.requires_grad
+    logits.add_(1)
+    weight = torch.ones(10, requires_grad=True)
+    (logits * weight).sum().backward()
+    torch.testing.assert_close(weight.grad, logits.sum(0))
+    with torch.inference_mode():
+        assert frozen(torch.randn(1, 3, 64, 64)).is_inference()  # the caller's own inference mode holds

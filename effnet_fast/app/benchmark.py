@@ -76,8 +76,10 @@ def autocast_to(dtype, device):
 
 def eval_forward(model, x, run=None, amp=None):
     """One no-grad forward in eval mode (under autocast to `amp`, when given); `run` is
-    model or a compiled wrapper of it."""
-    model.eval()
+    model or a compiled wrapper of it. eval() only when the model is in training mode: it
+    walks every module, a cost no served model pays per call (0.9 ms for B0's frozen model)."""
+    if model.training:
+        model.eval()
     with torch.no_grad(), autocast_to(amp, x.device):
         return (model if run is None else run)(x)
 

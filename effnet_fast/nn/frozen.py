@@ -310,9 +310,12 @@ class FrozenClassifier(FrozenModule):
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError(f"the input requires grad: {FROZEN_HINT}")
         model, out_dtype = self._model_for(x)
-        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        # inference mode: no autograd dispatch of the custom ops, no version counters; its
+        # tensors never leave it (the logits are copied out as an ordinary tensor)
+        with torch.inference_mode(), torch.autocast(x.device.type, enabled=False):
             features = model._run_in_chunks(as_supported_layout(x.to(model.dtype)))
-            return model.classifier(features.mean((2, 3))).to(out_dtype)
+            logits = model.classifier(features.mean((2, 3)))
+        return logits.to(out_dtype, copy=True)
 
     def _model_for(self, x):
         """(the frozen model that runs x, the output dtype). Under autocast: a copy with
