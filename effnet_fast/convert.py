@@ -15,7 +15,8 @@ import os
 import torch
 from torch import nn
 
-from .nn.layers import FusedMBConv, MBConv, SAME_PADDING_MARKER, has_same_padding_marker
+from .nn.layers import (BN_EPS_MARKER, SAME_PADDING_MARKER, FusedMBConv, MBConv, bn_eps_marker,
+                        has_same_padding_marker)
 
 _BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -141,7 +142,23 @@ def _checked_layout(model, state_dict, layout):
     if layout == "effnet_fast" and has_same_padding_marker(state_dict) != (padding_of(model) == "same"):
         raise ValueError(f"weights of ours: {_TF_PORT_WHY}" if padding_of(model) != "same" else
                          f"weights of ours with symmetric padding: {_SYMMETRIC_WHY}")
+    if layout == "effnet_fast":
+        check_bn_eps(model, state_dict)
     return layout
+
+
+def check_bn_eps(model, state_dict):
+    """Refuse weights of ours saved from a model with another BatchNorm eps (recorded as
+    BN_EPS_MARKER when not the variant's default): they would load and answer differently."""
+    theirs, ours = bn_eps_marker(state_dict), bn_eps_marker(model.state_dict())
+    if theirs is None and ours is None or theirs is not None and ours is not None and \
+            abs(theirs - ours) <= 1e-2 * ours:  # a marker cast with the model to a low precision
+        return
+    eps = {m.eps for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    saved = f"BatchNorm eps {theirs:g}" if theirs is not None else "the variant's default BatchNorm eps"
+    fix = f"bn_eps={theirs:g}" if theirs is not None else "no bn_eps"
+    raise ValueError(f"weights of ours saved from a model with {saved}; this model uses {sorted(eps)}: "
+                     f"build it with EfficientNet(..., {fix}) to load them")
 
 
 def convert_state_dict(model, state_dict, layout=None, strict=True):
@@ -166,7 +183,8 @@ def convert_state_dict(model, state_dict, layout=None, strict=True):
             raise ValueError(f"{their_key} has shape {tuple(t.shape)} but {our_key} needs "
                              f"{tuple(ours[our_key].shape)}: different variant or num_classes?")
         out[our_key] = t
-    out.update({k: v for k, v in ours.items() if k.rsplit(".", 1)[-1] == SAME_PADDING_MARKER})  # ours only
+    out.update({k: v for k, v in ours.items()  # ours only
+                if k.rsplit(".", 1)[-1] == SAME_PADDING_MARKER or k == BN_EPS_MARKER})
     unused = set(state_dict) - set(km.values())
     if unused and strict:
         raise ValueError(f"{len(unused)} {layout} tensors have no place in this model, e.g. {sorted(unused)[:3]}")

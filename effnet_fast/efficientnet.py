@@ -3,10 +3,11 @@ as data and built by a small builder."""
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from .nn.layers import (PADDINGS, ConvBNAct, DWConvBNSiLU, FusedConvBNAct, FusedDWConvBNSiLU, FusedMBConv,
-                        FusedSqueezeExcitation, MBConv, SqueezeExcitation)
+from .nn.layers import (BN_EPS_MARKER, PADDINGS, ConvBNAct, DWConvBNSiLU, FusedConvBNAct, FusedDWConvBNSiLU,
+                        FusedMBConv, FusedSqueezeExcitation, MBConv, SqueezeExcitation)
 from .ops.backends import check_fused_setting
 from .pretrained import from_pretrained
 
@@ -142,7 +143,9 @@ class EfficientNet(nn.Module):
       or "same", TensorFlow's 'same' padding computed from each input's size (asymmetric
       for the stride-2 convs on even sizes) with BatchNorm eps 1e-3: the variant of the
       original TF weights, timm's tf_efficientnet_b0..b7.
-    Other arguments override the variant's defaults.
+    Other arguments override the variant's defaults. A model whose BatchNorm eps is not its
+      variant's default records it in its state dict (key "bn_eps"), so that its weights
+      load only into a model with the same eps (effnet_fast.convert.load_weights says which).
     """
 
     def __init__(self, version="b0", num_classes=1000, fused=False, *, width=None, depth=None,
@@ -172,6 +175,8 @@ class EfficientNet(nn.Module):
         default_eps = TF_BN_EPS if padding == "same" else base.bn_eps
         bn = dict(bn_eps=default_eps if bn_eps is None else bn_eps,
                   bn_momentum=base.bn_momentum if bn_momentum is None else bn_momentum)
+        if bn["bn_eps"] != default_eps:  # recorded in the state dict: see BN_EPS_MARKER
+            self.register_buffer(BN_EPS_MARKER, torch.tensor(float(bn["bn_eps"]), dtype=torch.float64))
 
         stem = round_channels(base.stem, self.width)
         self.stem = ConvBNAct(in_channels, stem, 3, stride=2, padding=padding, **bn)

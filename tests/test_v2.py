@@ -321,3 +321,29 @@ def test_train_v2_s_and_reload(tmp_path, capsys):
     assert model.version == "v2_s"
     assert infer_version(to_layout(model, "torchvision"), "torchvision") == "v2_s"
     assert infer_version(to_layout(model, "timm"), "timm") == "v2_s"
+
+
+def test_a_non_default_bn_eps_travels_with_the_weights(tmp_path):
+    """timm's efficientnetv2_s needs bn_eps=1e-5 (V2's default is torchvision's 1e-3): our
+    state dict of such a model records its eps, so a default model refuses it naming the
+    option (and the reverse), and predict's loader rebuilds the model with it. Without the
+    record the weights would load into eps 1e-3 and answer differently."""
+    from effnet_fast.app.checkpoint import load_model
+    peer, ours = timm_pair("efficientnetv2_s", "v2_s", bn_eps=1e-5)
+    state = ours.state_dict()
+    assert float(state["bn_eps"]) == 1e-5 and "bn_eps" not in EfficientNet("v2_s").state_dict()
+    with pytest.raises(ValueError, match="bn_eps=1e-05"):
+        load_weights(EfficientNet("v2_s", num_classes=10).double(), state)
+    with pytest.raises(ValueError, match="no bn_eps"):
+        load_weights(ours, EfficientNet("v2_s", num_classes=10).double().state_dict())
+    torch.save(state, tmp_path / "v2_eps.pt")
+    loaded, _ = load_model(tmp_path / "v2_eps.pt")
+    assert loaded.stem.bn.eps == 1e-5
+    x = image()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.double()(x), peer(x), **EXACT)
+        default = EfficientNet("v2_s", num_classes=10).double().eval()
+        default.load_state_dict({k: v for k, v in state.items() if k != "bn_eps"})
+        assert (default(x) - peer(x)).abs().max() > 1e-6  # what the record prevents
+    # a low-precision copy keeps its record close enough
+    load_weights(EfficientNet("v2_s", num_classes=10, bn_eps=1e-5), copy.deepcopy(ours).bfloat16().state_dict())

@@ -21,7 +21,7 @@ import torch
 from ..convert import TF_PORT_LAYOUT, check_fits, convert_state_dict, detect_layout, load_weights
 from ..efficientnet import VARIANTS, EfficientNet, round_channels, round_repeats
 from ..freeze import freeze
-from ..nn.layers import has_same_padding_marker
+from ..nn.layers import bn_eps_marker, has_same_padding_marker
 from ..pretrained import is_pretrained_name
 from .data import IMAGENET_MEAN, IMAGENET_STD
 
@@ -238,7 +238,7 @@ def load_model(path, version=None, fused=False, use_ema=True):
     classes = meta.get("classes") or (list(map(str, range(10))) if num_classes == 10 and
                                       pre.get("dataset") == "digits" else [str(i) for i in range(num_classes)])
     padding = "same" if has_same_padding_marker(state) else "symmetric"
-    model = EfficientNet(version, num_classes=num_classes, fused=fused, padding=padding)
+    model = EfficientNet(version, num_classes=num_classes, fused=fused, padding=padding, bn_eps=bn_eps_marker(state))
     load_weights(model, state)
     info = {"version": version, "num_classes": num_classes, "classes": list(classes),
             "size": pre.get("size") or model.resolution, "mean": tuple(pre.get("mean") or IMAGENET_MEAN),

@@ -57,6 +57,18 @@ class Conv2dSame(nn.Conv2d):
         return super().forward(F.pad(x, (left, right, top, bottom)))
 
 
+# A state dict entry (a float64 scalar) of a model built with another BatchNorm eps than its
+# variant's default: eps is not a tensor, so without it the weights would load into a model
+# with the default eps and answer differently.
+BN_EPS_MARKER = "bn_eps"
+
+
+def bn_eps_marker(state_dict):
+    """The BatchNorm eps a state dict of ours records (BN_EPS_MARKER), or None for the default."""
+    value = state_dict.get(BN_EPS_MARKER)
+    return None if value is None else float(value)
+
+
 def has_same_padding_marker(state_dict):
     """True when a state dict of ours comes from a model with TF 'same' padding."""
     return any(key.rsplit(".", 1)[-1] == SAME_PADDING_MARKER for key in state_dict)
