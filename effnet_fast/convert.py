@@ -154,7 +154,7 @@ def check_bn_eps(model, state_dict):
     if theirs is None and ours is None or theirs is not None and ours is not None and \
             abs(theirs - ours) <= 1e-2 * ours:  # a marker cast with the model to a low precision
         return
-    eps = {m.eps for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    eps = batch_norm_eps(model)
     saved = f"BatchNorm eps {theirs:g}" if theirs is not None else "the variant's default BatchNorm eps"
     fix = f"bn_eps={theirs:g}" if theirs is not None else "no bn_eps"
     raise ValueError(f"weights of ours saved from a model with {saved}; this model uses {sorted(eps)}: "
@@ -198,7 +198,8 @@ def to_layout(model, layout="torchvision"):
     return {theirs: ours[our_key] for our_key, theirs in KEY_MAPS[layout](model).items()}
 
 
-def _batch_norm_eps(module):
+def batch_norm_eps(module):
+    """The set of BatchNorm eps values in `module`."""
     return {m.eps for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
 
 
@@ -219,7 +220,7 @@ def peer_layout(model, peer):
 
 def check_peer_model(model, peer):
     """Refuse a peer model whose BatchNorm eps is not `model`'s (padding: see peer_layout)."""
-    theirs, ours = _batch_norm_eps(peer), _batch_norm_eps(model)
+    theirs, ours = batch_norm_eps(peer), batch_norm_eps(model)
     if theirs != ours:
         raise ValueError(f"{type(peer).__name__} uses BatchNorm eps {sorted(theirs)}, this model {sorted(ours)}: "
                          f"build it with EfficientNet(..., bn_eps={min(theirs)}) to load these weights")

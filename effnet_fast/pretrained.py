@@ -19,7 +19,7 @@ import re
 
 import torch
 
-from .convert import load_weights
+from .convert import batch_norm_eps, load_weights
 
 SOURCES = ("torchvision", "timm")
 # Architectures with a stage table here (the matching group is our version): EfficientNet
@@ -51,7 +51,7 @@ def from_pretrained(model_class, name, fused=False, file=None):
     version = _version_of(source, model_name)
     padding = "same" if source == "timm" and model_name.startswith("tf_") else "symmetric"
     model = model_class(version, num_classes=len(preprocessing["classes"]), padding=padding, fused=fused,
-                        bn_eps=_batch_norm_eps(peer))
+                        bn_eps=_single_eps(peer))
     load_weights(model, peer)
     model.pretrained = {"name": name, **preprocessing}
     return model.eval()
@@ -67,10 +67,10 @@ def _version_of(source, model_name):
     return match.group(match.lastindex)
 
 
-def _batch_norm_eps(peer):
+def _single_eps(peer):
     """The peer's BatchNorm eps (timm's efficientnetv2_* use 1e-5 where torchvision's V2 and
     the TF ports use 1e-3): ours is built with it, so the weights compute the same."""
-    eps = {m.eps for m in peer.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    eps = batch_norm_eps(peer)
     if len(eps) != 1:
         raise ValueError(f"the source model mixes BatchNorm eps {sorted(eps)}; it is not an EfficientNet built here")
     return eps.pop()

@@ -115,16 +115,18 @@ def test_gradcheck(backend, device, train, k, stride):
     assert torch.autograd.gradcheck(fn, (x, w, g, b), eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("padding", [None, [0, 1, 1, 1]], ids=["symmetric", "asymmetric"])
 @pytest.mark.parametrize("backend,device", backend_params())
-def test_opcheck(backend, device):
-    torch.manual_seed(3)
+def test_opcheck(backend, device, padding):
+    torch.manual_seed(3 if padding is None else 10)
     x = torch.randn(2, 4, 6, 5, device=device, requires_grad=True)
     w = torch.randn(4, 1, 3, 3, device=device, requires_grad=True)
     g, b = torch.rand(4, device=device, requires_grad=True), torch.randn(4, device=device, requires_grad=True)
     rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
+    extra = () if padding is None else ("", padding)  # group, then (top, bottom, left, right)
     for train in (True, False):
         torch.library.opcheck(torch.ops.effnet_fast.dwconv_bn_silu.default,
-                              (x, w, g, b, rm, rv, train, 1e-5, 2, backend))
+                              (x, w, g, b, rm, rv, train, 1e-5, 2, backend, *extra))
 
 
 @pytest.mark.parametrize("backend,device", backend_params())
@@ -346,18 +348,6 @@ def test_gradcheck_asymmetric_padding(backend, device, train, k, padding, channe
         return dwconv_bn_silu_fn(x, w, g, b, rm, rv, train, 1e-5, 2, backend, padding=padding)[0]
 
     assert torch.autograd.gradcheck(fn, (x, w, g, b), eps=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("backend,device", backend_params())
-def test_opcheck_asymmetric_padding(backend, device):
-    torch.manual_seed(10)
-    x = torch.randn(2, 4, 6, 5, device=device, requires_grad=True)
-    w = torch.randn(4, 1, 3, 3, device=device, requires_grad=True)
-    g, b = torch.rand(4, device=device, requires_grad=True), torch.randn(4, device=device, requires_grad=True)
-    rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
-    for train in (True, False):
-        torch.library.opcheck(torch.ops.effnet_fast.dwconv_bn_silu.default,
-                              (x, w, g, b, rm, rv, train, 1e-5, 2, backend, "", [0, 1, 1, 1]))
 
 
 def test_bad_padding_raises_clear_errors():

@@ -6,7 +6,7 @@ import torch
 
 from backend_cases import backend_params
 from effnet_fast import VARIANTS, EfficientNet, compound_scaling, round_channels
-from effnet_fast.convert import convert_state_dict, load_weights, to_layout
+from effnet_fast.convert import KEY_MAPS, convert_state_dict, load_weights, to_layout
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -154,9 +154,9 @@ def test_fused_model_matches_reference(backend, device):
     check_fused_model(backend, device, size=64 if device == "cpu" else 224)
 
 
-def check_fused_model(backend, device, size, batch=2):
+def check_fused_model(backend, device, size, batch=2, padding="symmetric"):
     torch.manual_seed(0)
-    ref = randomize(EfficientNet("b0", num_classes=10, dropout=0.0, stochastic_depth=0.0)).to(device)
+    ref = randomize(EfficientNet("b0", num_classes=10, dropout=0.0, stochastic_depth=0.0, padding=padding)).to(device)
     fused = copy.deepcopy(ref).set_fused(backend)
     x, target = torch.randn(batch, 3, size, size, device=device), torch.randint(0, 10, (batch,), device=device)
     ref.eval(), fused.eval()
@@ -173,6 +173,23 @@ def check_fused_model(backend, device, size, batch=2):
         torch.testing.assert_close(p.grad, p_ref.grad, atol=2e-4, rtol=2e-3, msg=lambda m: f"{name}: {m}")
     for (name, b_ref), b in zip(ref.named_buffers(), fused.buffers()):
         torch.testing.assert_close(b, b_ref, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def check_training_step_against_peer(peer, ours, layout, x, target, atol, rtol, grad_atol, grad_rtol):
+    """One training step (no optimizer step) of a torchvision / timm model and of ours loaded
+    from it: the same loss, each of our gradients equal to the peer's tensor that the layout's
+    key map names, and the same weights and BN statistics afterwards in the peer's layout."""
+    losses = []
+    for model in (peer.train(), ours.train()):
+        loss = torch.nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0], atol=atol, rtol=rtol)
+    theirs, key_map = dict(peer.named_parameters()), KEY_MAPS[layout](ours)
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, theirs[key_map[name]].grad, atol=grad_atol, rtol=grad_rtol,
+                                   msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(to_layout(ours, layout), peer.state_dict(), atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] in ("cpu", "cuda", "reference")])

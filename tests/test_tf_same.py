@@ -1,8 +1,6 @@
 """TF 'same' padding in the model: EfficientNet(version, padding="same") against timm's
 tf_efficientnet_b* (eval and a training step), the weight conversions both ways and
 their refusals, the fused model against the reference one, and freeze."""
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,10 +8,10 @@ import torch.nn.functional as F
 from backend_cases import backend_params
 from effnet_fast.ops.backends import backend_built
 from effnet_fast import EfficientNet, freeze
-from effnet_fast.convert import load_weights, timm_key_map, to_layout
+from effnet_fast.convert import load_weights, to_layout
 from effnet_fast.nn import Conv2dSame
 
-from test_model import randomize
+from test_model import check_fused_model, check_training_step_against_peer, randomize
 
 timm = pytest.importorskip("timm")
 
@@ -65,17 +63,8 @@ def test_training_step_matches_timm():
     """Same loss, gradients and BN statistics after a training step (no dropout, no drop path)."""
     peer, ours = tf_pair()
     x, target = torch.randn(4, 3, 66, 66), torch.arange(4) % 10
-    losses = []
-    for model in (peer.train(), ours.train()):
-        loss = F.cross_entropy(model(x), target)
-        loss.backward()
-        losses.append(loss)
-    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
-    theirs, key_map = dict(peer.named_parameters()), timm_key_map(ours)
-    for name, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, theirs[key_map[name]].grad, atol=1e-4, rtol=1e-3,
-                                   msg=lambda m: f"{name}: {m}")
-    torch.testing.assert_close(to_layout(ours, "timm_tf"), peer.state_dict(), atol=1e-5, rtol=1e-5)
+    check_training_step_against_peer(peer, ours, "timm_tf", x, target, atol=1e-5, rtol=1e-5, grad_atol=1e-4,
+                                     grad_rtol=1e-3)
 
 
 @pytest.mark.slow
@@ -141,23 +130,7 @@ def test_fused_same_model_matches_reference(backend, device):
     if backend in ("triton", "cuda_emu") and device == "cpu":
         pytest.skip("whole-model runs through the Triton interpreter and the CUDA emulation are slow; "
                     "the layer tests (test_dwconv_bn_silu.py) cover them")
-    torch.manual_seed(0)
-    ref = randomize(EfficientNet("b0", num_classes=10, padding="same", dropout=0.0, stochastic_depth=0.0))
-    ref = ref.to(device)
-    fused = copy.deepcopy(ref).set_fused(backend)
-    x, target = torch.randn(2, 3, 66, 66, device=device), torch.arange(2, device=device)
-    with torch.no_grad():
-        torch.testing.assert_close(fused.eval()(x), ref.eval()(x), atol=1e-4, rtol=1e-4)
-    losses = []
-    for model in (ref.train(), fused.train()):
-        loss = F.cross_entropy(model(x), target)
-        loss.backward()
-        losses.append(loss)
-    torch.testing.assert_close(losses[1], losses[0], atol=1e-4, rtol=1e-4)
-    for (name, p_ref), p in zip(ref.named_parameters(), fused.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, atol=2e-4, rtol=2e-3, msg=lambda m: f"{name}: {m}")
-    for (name, b_ref), b in zip(ref.named_buffers(), fused.buffers()):
-        torch.testing.assert_close(b, b_ref, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    check_fused_model(backend, device, size=66, padding="same")
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from backend_cases import GRADCHECK_BACKENDS, assert_close, backend_params
 from effnet_fast import EfficientNet, freeze, set_fused
 from effnet_fast.app.benchmark import calibrate_bn
-from effnet_fast.convert import load_weights, timm_key_map, to_layout, torchvision_key_map
+from effnet_fast.convert import load_weights, to_layout
 from effnet_fast.efficientnet import VARIANTS
 from effnet_fast.nn import FusedMBConv
 from effnet_fast.ops.backends import backend_built
 
-from test_model import randomize
+from test_model import check_training_step_against_peer, randomize
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -28,6 +28,7 @@ torchvision = pytest.importorskip("torchvision")
 TORCHVISION_PARAMS = {"v2_s": 21_458_488, "v2_m": 54_139_356, "v2_l": 118_515_272}
 SIZE = 64
 EXACT = dict(atol=1e-9, rtol=1e-9)
+STEP_TOLERANCE = dict(**EXACT, grad_atol=1e-8, grad_rtol=1e-7)  # float64 gradients summed over the batch
 
 
 def calibrated(model, size=SIZE):
@@ -101,18 +102,7 @@ def test_matches_torchvision_v2_s(size):
 def test_training_step_matches_torchvision():
     """Same loss, gradients and BN statistics after a training step."""
     peer, ours = torchvision_pair()
-    x, target = image(n=4), torch.arange(4) % 10
-    losses = []
-    for model in (peer.train(), ours.train()):
-        loss = F.cross_entropy(model(x), target)
-        loss.backward()
-        losses.append(loss)
-    torch.testing.assert_close(losses[1], losses[0], **EXACT)
-    theirs, key_map = dict(peer.named_parameters()), torchvision_key_map(ours)
-    for name, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, theirs[key_map[name]].grad, atol=1e-8, rtol=1e-7,
-                                   msg=lambda m: f"{name}: {m}")
-    torch.testing.assert_close(to_layout(ours, "torchvision"), peer.state_dict(), **EXACT)
+    check_training_step_against_peer(peer, ours, "torchvision", image(n=4), torch.arange(4) % 10, **STEP_TOLERANCE)
 
 
 TIMM_MODELS = [("efficientnetv2_rw_s", "v2_rw_s", {}, "timm"),
@@ -139,14 +129,8 @@ def test_matches_timm_both_ways(name, version, kwargs, layout):
 
 def test_training_step_matches_timm_tf_efficientnetv2_s():
     peer, ours = timm_pair("tf_efficientnetv2_s", "v2_s", padding="same")
-    x, target = image(n=4, size=66), torch.arange(4) % 10
-    for model in (peer.train(), ours.train()):
-        F.cross_entropy(model(x), target).backward()
-    theirs, key_map = dict(peer.named_parameters()), timm_key_map(ours)
-    for name, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, theirs[key_map[name]].grad, atol=1e-8, rtol=1e-7,
-                                   msg=lambda m: f"{name}: {m}")
-    torch.testing.assert_close(to_layout(ours, "timm_tf"), peer.state_dict(), **EXACT)
+    check_training_step_against_peer(peer, ours, "timm_tf", image(n=4, size=66), torch.arange(4) % 10,
+                                     **STEP_TOLERANCE)
 
 
 def test_refusals_name_the_problem():
