@@ -3,7 +3,13 @@
 
   ort N        ONNX Runtime's profiler (SessionOptions.enable_profiling), ms per op type, batch N
   convs N      each of the frozen model's convs timed alone on its recorded input, ms by kind
-  onednn N     oneDNN's own execution time of the frozen model's convs (mkldnn verbose), batch N
+  onednn N B   oneDNN's own execution time of the frozen model's convs (mkldnn verbose), batch N,
+               by implementation and kind; the model frozen in bfloat16 when B is 1
+  ops N B      torch.profiler over one frozen forward (bfloat16 when B is 1): self time by op, the
+               total, and the median wall time of a forward called directly
+  se N B       B0's SE pool and scale shapes at batch N (bfloat16 when B is 1) against a copy of
+               the same tensor (its memory floor)
+  train N      torch.profiler over one fused training step (SGD, fused="cpu", channels_last)
   depthwise N B  oneDNN's depthwise conv + SiLU against the project's dwconv_bn_silu kernel, batch N,
                bfloat16 when B is 1
   faults N     minor page faults per frozen forward, batch N
@@ -32,8 +38,28 @@ def reference_model():
     return model.eval()
 
 
-def frozen_model():
-    return freeze(reference_model().set_fused("cpu").to(memory_format=torch.channels_last))
+def frozen_model(bf16=0):
+    return freeze(reference_model().set_fused("cpu").to(memory_format=torch.channels_last),
+                  dtype=torch.bfloat16 if bf16 else None)
+
+
+def median_ms(fn, repeats=20):
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[repeats // 2] * 1e3
+
+
+def print_self_times(prof, rows=12):
+    """ms of self CPU time by op, largest first, and their total."""
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    for e in events[:rows]:
+        print(f"{e.key[:40]:<42}{e.self_cpu_time_total / 1e3:8.2f} ms  {e.count:5d} calls")
+    print(f"{'total self time':<42}{sum(e.self_cpu_time_total for e in events) / 1e3:8.2f} ms")
 
 
 def image(n):
@@ -92,17 +118,60 @@ def convs(n):
     print(f"{'total':<24}{sum(ms.values()):8.2f} ms")
 
 
-def onednn(n):
+def onednn(n, bf16=0):
     """oneDNN prints its verbose lines to the C stdout: read them from a child process."""
     import subprocess
-    out = subprocess.run([sys.executable, __file__, "verbose", str(n)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, __file__, "verbose", str(n), str(bf16)], capture_output=True, text=True,
                          check=True).stdout
     lines = [line.split(",") for line in out.splitlines() if line.startswith("onednn_verbose") and ",exec," in line]
+    ms, count = collections.Counter(), collections.Counter()
+    for f in lines:  # ..., implementation (f[6]), ..., problem description (f[-2]), ms (f[-1])
+        kind = ("depthwise" if f[-2].startswith("g") else "matmul" if "matmul" in f[6] else
+                "1x1" if "kh1" in f[-2] else "k x k")
+        ms[(f[6], kind)] += float(f[-1])
+        count[(f[6], kind)] += 1
+    for (impl, kind), t in ms.most_common():
+        print(f"{impl:<36}{kind:<11}{t:8.2f} ms  {count[(impl, kind)]} calls")
     print(f"{len(lines)} oneDNN primitives, {sum(float(f[-1]) for f in lines):.2f} ms of their own execution")
 
 
-def verbose(n):
-    model, x = frozen_model(), image(n)
+def ops(n, bf16=0):
+    model, x = frozen_model(bf16), image(n)
+    with torch.no_grad():
+        wall = median_ms(lambda: model(x))
+        with torch.profiler.profile() as prof:
+            model(x)
+    print_self_times(prof)
+    print(f"median wall time of a forward called directly: {wall:.2f} ms")
+
+
+def se(n, bf16=0):
+    from effnet_fast.ops.backends import kernels
+    k, dtype = kernels("cpu"), torch.bfloat16 if bf16 else torch.float32
+    for c, hw in ((32, 112), (144, 56), (672, 14), (1152, 7)):
+        x = torch.randn(n, c, hw, hw, dtype=dtype).to(memory_format=torch.channels_last)
+        gate = torch.rand(n, c, dtype=dtype)
+        mb = 2 * x.numel() * x.element_size() / 1e6  # x read and written; MB per ms is GB/s
+        copy_ms, scale_ms, pool_ms = (median_ms(fn) for fn in (x.clone, lambda: k.se_scale(x, gate),
+                                                                lambda: k.se_pool(x)))
+        print(f"{n}x{c}x{hw}x{hw} {str(dtype)[6:]}: copy {copy_ms:.2f} ms ({mb / copy_ms:.1f} GB/s), se_scale "
+              f"{scale_ms:.2f} ms ({mb / scale_ms:.1f} GB/s), se_pool {pool_ms:.2f} ms ({mb / 2 / pool_ms:.1f} GB/s read)")
+
+
+def train(n):
+    from effnet_fast.app.benchmark import train_step
+    model = reference_model().set_fused("cpu").to(memory_format=torch.channels_last)
+    x, y = image(n), torch.randint(0, 1000, (n,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    for _ in range(2):
+        train_step(model, opt, x, y)
+    with torch.profiler.profile() as prof:
+        train_step(model, opt, x, y)
+    print_self_times(prof, rows=16)
+
+
+def verbose(n, bf16=0):
+    model, x = frozen_model(bf16), image(n)
     with torch.no_grad():
         model(x)
         with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
@@ -142,4 +211,6 @@ def faults(n, repeats=5):
 
 if __name__ == "__main__":
     mode, *rest = sys.argv[1:] or ["convs"]
-    {"ort": ort, "convs": convs, "onednn": onednn, "verbose": verbose, "depthwise": depthwise, "faults": faults}[mode](*map(int, rest))
+    modes = {"ort": ort, "convs": convs, "onednn": onednn, "verbose": verbose, "ops": ops, "se": se, "train": train,
+             "depthwise": depthwise, "faults": faults}
+    modes[mode](*map(int, rest))
