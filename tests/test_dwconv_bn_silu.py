@@ -183,6 +183,48 @@ def test_kernel_ops_many_blocks(backend, device):
                 assert_close(a, e, torch.float32, f"{name}[{i}] k={ks}", scale=5)
 
 
+@pytest.mark.skipif(not hasattr(torch.ops.effnet_fast, "dwconv_bn_silu_forward")
+                    or not torch._C._dispatch_has_kernel_for_dispatch_key("effnet_fast::dwconv_bn_silu_forward", "CPU"),
+                    reason="the C++ CPU kernels are not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_cpu_channels_last_wide_rows(dtype):
+    """The CPU kernels' channels_last rows compute their interior pixels several at a
+    time when the channels fill whole vectors: C of 2 whole vectors and of 2 and a
+    part, rows wide enough for several blocks, every kernel / stride and asymmetric
+    padding, all four kernels against the reference kernels (in float64)."""
+    torch.manual_seed(7)
+    ref_k, k = kernels("reference"), kernels("cpu")
+    lanes = 64 // acc_dtype(dtype).itemsize  # floats (or doubles) per AVX-512 vector
+    for c in (2 * lanes, 2 * lanes + 3):
+        for (h, w), ks, stride, padding in (((9, 23), 3, 1, None), ((10, 22), 3, 2, None), ((11, 26), 5, 1, None),
+                                            ((12, 25), 5, 2, None), ((8, 21), 3, 2, (0, 1, 0, 1)),
+                                            ((9, 24), 5, 2, (1, 2, 1, 2)), ((7, 19), 5, 1, (2, 1, 0, 2))):
+            x = random_input(2, c, h, w, dtype, "cpu", True)
+            wt = (torch.randn(c, 1, ks, ks) * 0.3).to(dtype)
+            x64, w64 = x.double(), wt.double()
+            what = f"C={c} {h}x{w} k{ks} s{stride} padding={padding}"
+            mean, var = k.dwconv_bn_silu_stats(x, wt, stride, padding)
+            mean64, var64 = ref_k.dwconv_bn_silu_stats(x64, w64, stride, padding)
+            assert_close(mean, mean64, dtype, f"mean {what}")
+            assert_close(var, var64, dtype, f"var {what}")
+            scale, shift = torch.rand(c, dtype=mean.dtype) + 0.5, torch.randn(c, dtype=mean.dtype) * 0.2
+            out = k.dwconv_bn_silu_forward(x, wt, scale, shift, stride, padding)
+            out64 = ref_k.dwconv_bn_silu_forward(x64, w64, scale.double(), shift.double(), stride, padding)
+            assert_close(out, out64, dtype, f"forward {what}")
+            g = torch.randn(out.shape, dtype=torch.float64).to(dtype).contiguous(memory_format=torch.channels_last)
+            ca, cb, cc = (torch.randn(c, dtype=mean.dtype) for _ in range(3))
+            args = (scale, shift, ca, cb, cc)
+            for name, got, want in (
+                    ("backward_reduce", k.dwconv_bn_silu_backward_reduce(g, x, wt, scale, shift, mean, stride, padding),
+                     ref_k.dwconv_bn_silu_backward_reduce(g.double(), x64, w64, scale.double(), shift.double(),
+                                                          mean.double(), stride, padding)),
+                    ("backward", k.dwconv_bn_silu_backward(g, x, wt, *args, stride, padding),
+                     ref_k.dwconv_bn_silu_backward(g.double(), x64, w64, *(a.double() for a in args), stride,
+                                                   padding))):
+                for i, (a, e) in enumerate(zip(got, want)):
+                    assert_close(a, e, dtype, f"{name}[{i}] {what}", scale=4)
+
+
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_constant_planes(backend, device):
     """Edge case: a constant input gives zero batch variance; outputs stay finite."""

@@ -446,11 +446,63 @@ EFFNET_ALWAYS_INLINE Vectorized<acc_t> conv_pixel(const scalar_t* image, const G
                                           : conv_window<K, true>(image, win, g, w, cnt);
 }
 
-// Runs fn(n, oh) in parallel over the output rows of every image.
-template <typename Fn>
+// Interior output pixels computed together: one pixel's K * K taps form two
+// dependent FMA chains, too few to hide the FMA latency; kPixelBlock pixels give
+// 2 * kPixelBlock independent chains that share each weight vector.
+constexpr int64_t kPixelBlock = 4;
+
+// y at the kPixelBlock pixels whose top-left taps are at tl, tl + pixel_step, ...,
+// all windows inside the image, whole vectors of channels. The same taps in the
+// same order into the same two partial sums as conv_window: equal to conv_pixel
+// bit for bit.
+template <int K, typename scalar_t, typename acc_t>
+EFFNET_ALWAYS_INLINE void conv_pixel_block(const scalar_t* tl, int64_t row_stride, int64_t C, int64_t pixel_step,
+                                           const Vectorized<acc_t>* w, Vectorized<acc_t>* ys) {
+  using Vec = Vectorized<acc_t>;
+  Vec acc0[kPixelBlock], acc1[kPixelBlock];
+  for (int64_t j = 0; j < kPixelBlock; ++j) acc0[j] = acc1[j] = Vec(acc_t(0));
+#pragma GCC unroll 5
+  for (int kh = 0; kh < K; ++kh) {
+#pragma GCC unroll 5
+    for (int kw = 0; kw < K; ++kw) {
+      const scalar_t* p = tl + kh * row_stride + kw * C;
+      const Vec wv = w[kh * K + kw];
+      for (int64_t j = 0; j < kPixelBlock; ++j) {
+        Vec& acc = ((kh * K + kw) & 1) ? acc1[j] : acc0[j];
+        acc = at::vec::fmadd(load_acc<acc_t>(p + j * pixel_step), wv, acc);
+      }
+    }
+  }
+  for (int64_t j = 0; j < kPixelBlock; ++j) ys[j] = acc0[j] + acc1[j];
+}
+
+// y of output row oh of one image, channels [c, c + cnt), into ys[0, OW): the
+// interior pixels kPixelBlock at a time, the border ones (and partial channel
+// vectors) one at a time.
+template <int K, typename scalar_t, typename acc_t>
+void conv_row(const scalar_t* image, const Geometry& g, int64_t oh, int64_t c, const Vectorized<acc_t>* w,
+              int64_t cnt, Vectorized<acc_t>* ys) {
+  const int64_t ih0 = oh * g.S - g.PT;
+  int64_t ow = 0;
+  if (cnt == Vectorized<acc_t>::size() && ih0 >= 0 && ih0 + K <= g.H && g.W >= K) {
+    // whole windows: ow * S - PL >= 0 and ow * S - PL + K <= W
+    const int64_t lo = std::min(g.OW, (g.PL + g.S - 1) / g.S);
+    const int64_t hi = std::min(g.OW, (g.W - K + g.PL) / g.S + 1);
+    for (; ow < lo; ++ow) ys[ow] = conv_pixel<K>(image, g, oh, ow, c, w, cnt);
+    const scalar_t* row = image + ih0 * g.W * g.C + c;
+    for (; ow + kPixelBlock <= hi; ow += kPixelBlock)
+      conv_pixel_block<K>(row + (ow * g.S - g.PL) * g.C, g.W * g.C, g.C, g.S * g.C, w, ys + ow);
+  }
+  for (; ow < g.OW; ++ow) ys[ow] = conv_pixel<K>(image, g, oh, ow, c, w, cnt);
+}
+
+// Runs fn(n, oh, ys) in parallel over the output rows of every image; ys is a
+// scratch row of OW vectors of the calling thread.
+template <typename acc_t, typename Fn>
 void for_each_output_row(const Geometry& g, Fn&& fn) {
   at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) fn(task / g.OH, task % g.OH);
+    std::vector<Vectorized<acc_t>> ys(g.OW);
+    for (int64_t task = begin; task < end; ++task) fn(task / g.OH, task % g.OH, ys.data());
   });
 }
 
@@ -459,7 +511,7 @@ void forward_nhwc(const scalar_t* x, const acc_t* wt, const acc_t* scale, const 
                   const Geometry& geo) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  for_each_output_row(geo, [&](int64_t n, int64_t oh) {
+  for_each_output_row<acc_t>(geo, [&](int64_t n, int64_t oh, Vec* ys) {
     const Geometry g = geo;  // a local copy: vector stores may alias anything
     const scalar_t* image = x + n * g.H * g.W * g.C;
     scalar_t* dst = out + (n * g.OH + oh) * g.OW * g.C;
@@ -467,10 +519,8 @@ void forward_nhwc(const scalar_t* x, const acc_t* wt, const acc_t* scale, const 
       const int64_t cnt = std::min(V, g.C - c);
       const TapWeights<K, acc_t> tw(wt, g.C, c, cnt);
       const Vec sc = Vec::loadu(scale + c, cnt), sh = Vec::loadu(shift + c, cnt);
-      for (int64_t ow = 0; ow < g.OW; ++ow) {
-        const Vec z = at::vec::fmadd(conv_pixel<K>(image, g, oh, ow, c, tw.w, cnt), sc, sh);
-        store_acc(dst + ow * g.C + c, silu(z), cnt);
-      }
+      conv_row<K>(image, g, oh, c, tw.w, cnt, ys);
+      for (int64_t ow = 0; ow < g.OW; ++ow) store_acc(dst + ow * g.C + c, silu(at::vec::fmadd(ys[ow], sc, sh)), cnt);
     }
   });
 }
@@ -490,11 +540,9 @@ void stats_nhwc(const scalar_t* x, const acc_t* wt, double* row_mean, double* ro
       for (int64_t c = 0; c < g.C; c += V) {
         const int64_t cnt = std::min(V, g.C - c);
         const TapWeights<K, acc_t> tw(wt, g.C, c, cnt);
+        conv_row<K>(image, g, oh, c, tw.w, cnt, ys.data());
         Vec sum(acc_t(0));
-        for (int64_t ow = 0; ow < g.OW; ++ow) {
-          ys[ow] = conv_pixel<K>(image, g, oh, ow, c, tw.w, cnt);
-          sum = sum + ys[ow];
-        }
+        for (int64_t ow = 0; ow < g.OW; ++ow) sum = sum + ys[ow];
         const Vec mean = sum * inv_count;
         Vec sq(acc_t(0));
         for (int64_t ow = 0; ow < g.OW; ++ow) sq = at::vec::fmadd(ys[ow] - mean, ys[ow] - mean, sq);
@@ -524,7 +572,7 @@ void backward_reduce_nhwc(const scalar_t* grad, const scalar_t* x, const acc_t* 
                           const Geometry& geo) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  for_each_output_row(geo, [&](int64_t n, int64_t oh) {
+  for_each_output_row<acc_t>(geo, [&](int64_t n, int64_t oh, Vec* ys) {
     const Geometry g = geo;  // a local copy: vector stores may alias anything
     const int64_t task = n * g.OH + oh;
     const scalar_t* image = x + n * g.H * g.W * g.C;
@@ -534,8 +582,9 @@ void backward_reduce_nhwc(const scalar_t* grad, const scalar_t* x, const acc_t* 
       const TapWeights<K, acc_t> tw(wt, g.C, c, cnt);
       const Vec sc = Vec::loadu(scale + c, cnt), sh = Vec::loadu(shift + c, cnt), mu = Vec::loadu(mean + c, cnt);
       Vec s_dz(acc_t(0)), s_dz_xmu(acc_t(0));
+      conv_row<K>(image, g, oh, c, tw.w, cnt, ys);
       for (int64_t ow = 0; ow < g.OW; ++ow) {
-        const Vec y = conv_pixel<K>(image, g, oh, ow, c, tw.w, cnt);
+        const Vec y = ys[ow];
         const Vec dz = load_acc<acc_t>(grow + ow * g.C + c, cnt) * silu_grad(at::vec::fmadd(y, sc, sh));
         s_dz = s_dz + dz;
         s_dz_xmu = at::vec::fmadd(dz, y - mu, s_dz_xmu);
@@ -626,6 +675,7 @@ void backward_nhwc(const scalar_t* grad, const scalar_t* x, const acc_t* wt, con
     const Geometry g = geo;  // a local copy: vector stores may alias anything
     const int64_t S = g.S, C = g.C;
     DyBlock<acc_t> dy{0, 0, g.OW + 2 * M, C, {}};
+    std::vector<Vec> ys(g.OW);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks, ih0 = (task % blocks) * kBackwardRows;
       const int64_t ih1 = std::min(g.H, ih0 + kBackwardRows);
@@ -643,8 +693,9 @@ void backward_nhwc(const scalar_t* grad, const scalar_t* x, const acc_t* wt, con
         const Vec ca = Vec::loadu(coef_a + c, cnt), cb = Vec::loadu(coef_b + c, cnt), cc = Vec::loadu(coef_c + c, cnt);
         for (int64_t oh = oh_lo; oh < oh_hi; ++oh) {
           const scalar_t* grow = grad + (n * g.OH + oh) * g.OW * C;
+          conv_row<K>(image, g, oh, c, tw.w, cnt, ys.data());
           for (int64_t ow = 0; ow < g.OW; ++ow) {
-            const Vec y = conv_pixel<K>(image, g, oh, ow, c, tw.w, cnt);
+            const Vec y = ys[ow];
             const Vec dz = load_acc<acc_t>(grow + ow * C + c, cnt) * silu_grad(at::vec::fmadd(y, sc, sh));
             at::vec::fmadd(ca, dz, at::vec::fmadd(cb, y, cc)).store(dy.at(oh, ow + M) + c, cnt);
           }
