@@ -334,11 +334,15 @@ std::tuple<at::Tensor, at::Tensor> bn_silu_stats(const at::Tensor& y) {
     }
   });
   std::vector<double> mean(p.C), var(p.C);
+  // Parts in order for every channel, channels innermost (see dwconv_bn_silu_stats).
+  std::vector<MeanM2> m(p.C);
+  for (int64_t i = 0; i < parts.parts; ++i) {
+    const double count = parts.count(p, i);
+    for (int64_t c = 0; c < p.C; ++c) m[c].merge(count, parts.a[i * p.C + c], parts.b[i * p.C + c]);
+  }
   for (int64_t c = 0; c < p.C; ++c) {
-    MeanM2 m;
-    for (int64_t i = 0; i < parts.parts; ++i) m.merge(parts.count(p, i), parts.a[i * p.C + c], parts.b[i * p.C + c]);
-    mean[c] = m.mean;
-    var[c] = m.m2 / m.count;
+    mean[c] = m[c].mean;
+    var[c] = m[c].m2 / m[c].count;
   }
   return {channel_tensor(mean, y, p.acc), channel_tensor(var, y, p.acc)};
 }

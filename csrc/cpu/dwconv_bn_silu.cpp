@@ -793,11 +793,14 @@ std::tuple<at::Tensor, at::Tensor> dwconv_bn_silu_stats(const at::Tensor& x, con
   at::Tensor var = at::empty({g.C}, x.options().dtype(at::kDouble));
   double* pm = mean.data_ptr<double>();
   double* pv = var.data_ptr<double>();
+  // Parts in order for every channel; channels innermost, so that the merges of
+  // different channels (each a chain of divisions) overlap and the partials are read in order.
+  std::vector<MeanM2> acc(g.C);
+  for (int64_t p = 0; p < parts; ++p)
+    for (int64_t c = 0; c < g.C; ++c) acc[c].merge(part_count, part_mean[p * g.C + c], part_m2[p * g.C + c]);
   for (int64_t c = 0; c < g.C; ++c) {
-    MeanM2 acc;
-    for (int64_t p = 0; p < parts; ++p) acc.merge(part_count, part_mean[p * g.C + c], part_m2[p * g.C + c]);
-    pm[c] = acc.mean;
-    pv[c] = acc.m2 / acc.count;
+    pm[c] = acc[c].mean;
+    pv[c] = acc[c].m2 / acc[c].count;
   }
   return {mean.to(in.acc), var.to(in.acc)};
 }
