@@ -12,6 +12,8 @@
   train N      torch.profiler over one fused training step (SGD, fused="cpu", channels_last)
   depthwise N B  oneDNN's depthwise conv + SiLU against the project's dwconv_bn_silu kernel, batch N,
                bfloat16 when B is 1
+  dwtrain N B  the four depthwise conv + BN + SiLU training kernels (stats, forward, backward_reduce,
+               backward) on B0's shapes at batch N against their memory floors, bfloat16 when B is 1
   faults N     minor page faults per frozen forward, batch N
 
   OMP_NUM_THREADS=1 python benchmarks/profile_inference.py convs 1
@@ -178,14 +180,17 @@ def verbose(n, bf16=0):
             model(x)
 
 
+# B0's depthwise convs: (input size, channels, kernel, stride)
+B0_DEPTHWISE = ((112, 32, 3, 1), (112, 96, 3, 2), (56, 144, 3, 1), (56, 144, 5, 2), (28, 240, 5, 1), (28, 240, 3, 2),
+                (14, 480, 3, 1), (14, 480, 5, 1), (14, 672, 5, 1), (14, 672, 5, 2), (7, 1152, 5, 1), (7, 1152, 3, 1))
+
+
 def depthwise(n=1, bf16=0):
     """B0's depthwise shapes at batch n (bf16=1: in bfloat16), oneDNN against ours."""
     from effnet_fast.ops.backends import kernels
     k, total_onednn, total_ours = kernels("cpu"), 0.0, 0.0
     dtype = torch.bfloat16 if bf16 else torch.float32
-    for h, c, ks, s in ((112, 32, 3, 1), (112, 96, 3, 2), (56, 144, 3, 1), (56, 144, 5, 2), (28, 240, 5, 1),
-                        (28, 240, 3, 2), (14, 480, 3, 1), (14, 480, 5, 1), (14, 672, 5, 1), (14, 672, 5, 2),
-                        (7, 1152, 5, 1), (7, 1152, 3, 1)):
+    for h, c, ks, s in B0_DEPTHWISE:
         x = torch.randn(n, c, h, h, dtype=dtype).to(memory_format=torch.channels_last)
         w, b, one = (t.to(dtype) for t in (torch.randn(c, 1, ks, ks), torch.randn(c), torch.ones(c)))
         p = ks // 2
@@ -196,6 +201,37 @@ def depthwise(n=1, bf16=0):
         total_onednn, total_ours = total_onednn + onednn_us, total_ours + ours_us
         print(f"{h}x{h}x{c} k{ks} s{s}: oneDNN {onednn_us:.0f} us, ours {ours_us:.0f} us")
     print(f"all 12 at batch {n}, {dtype}: oneDNN {total_onednn / 1e3:.2f} ms, ours {total_ours / 1e3:.2f} ms")
+
+
+def dwtrain(n, bf16=0):
+    """The four training kernels of the project's depthwise conv + BN + SiLU (channels_last) on
+    B0's depthwise shapes at batch n, summed over the shapes, against each kernel's memory
+    floor: the bytes it must read and write, at the speed of a copy of the same tensors."""
+    from effnet_fast.ops.backends import kernels
+    k, dtype = kernels("cpu"), torch.bfloat16 if bf16 else torch.float32
+    ms, floor_ms = collections.Counter(), collections.Counter()
+    for h, c, ks, s in B0_DEPTHWISE:
+        x = torch.randn(n, c, h, h, dtype=dtype).to(memory_format=torch.channels_last)
+        w = (torch.randn(c, 1, ks, ks) * 0.3).to(dtype)
+        scale, shift, coef = torch.rand(c) + 0.5, torch.randn(c) * 0.1, [torch.randn(c) for _ in range(3)]
+        mean, _ = k.dwconv_bn_silu_stats(x, w, s)
+        out = k.dwconv_bn_silu_forward(x, w, scale, shift, s)
+        g = torch.randn_like(out)
+        copy_ms = (median_ms(x.clone) + median_ms(out.clone)) / 2  # a read and a write of each
+        x_ms, out_ms = copy_ms * x.numel() / (x.numel() + out.numel()), copy_ms * out.numel() / (x.numel() + out.numel())
+        kernels_ = {"stats": (lambda: k.dwconv_bn_silu_stats(x, w, s), x_ms / 2),  # reads x
+                    "forward": (lambda: k.dwconv_bn_silu_forward(x, w, scale, shift, s), x_ms / 2 + out_ms / 2),
+                    "backward_reduce": (lambda: k.dwconv_bn_silu_backward_reduce(g, x, w, scale, shift, mean, s),
+                                        x_ms / 2 + out_ms / 2),  # reads x and grad_out
+                    "backward": (lambda: k.dwconv_bn_silu_backward(g, x, w, scale, shift, *coef, s),
+                                 x_ms + out_ms / 2)}  # reads x and grad_out, writes grad_x
+        for name, (fn, floor) in kernels_.items():
+            ms[name] += median_ms(fn, 9)
+            floor_ms[name] += floor
+    for name in ms:
+        print(f"{name:<16}{ms[name]:8.2f} ms   memory floor {floor_ms[name]:6.2f} ms   {ms[name] / floor_ms[name]:5.1f}x")
+    print(f"{'total':<16}{sum(ms.values()):8.2f} ms   memory floor {sum(floor_ms.values()):6.2f} ms   "
+          f"({str(dtype)[6:]}, batch {n}, B0's 12 depthwise shapes, channels_last)")
 
 
 def faults(n, repeats=5):
@@ -212,5 +248,5 @@ def faults(n, repeats=5):
 if __name__ == "__main__":
     mode, *rest = sys.argv[1:] or ["convs"]
     modes = {"ort": ort, "convs": convs, "onednn": onednn, "verbose": verbose, "ops": ops, "se": se, "train": train,
-             "depthwise": depthwise, "faults": faults}
+             "depthwise": depthwise, "dwtrain": dwtrain, "faults": faults}
     modes[mode](*map(int, rest))
