@@ -14,6 +14,8 @@
                bfloat16 when B is 1
   dwtrain N B  the four depthwise conv + BN + SiLU training kernels (stats, forward, backward_reduce,
                backward) on B0's shapes at batch N against their memory floors, bfloat16 when B is 1
+  overhead N S what the frozen model's convs cost per call: a forward at S x S (batch N) with and
+               without them, and each conv called alone
   faults N     minor page faults per frozen forward, batch N
 
   OMP_NUM_THREADS=1 python benchmarks/profile_inference.py convs 1
@@ -234,6 +236,41 @@ def dwtrain(n, bf16=0):
           f"({str(dtype)[6:]}, batch {n}, B0's 12 depthwise shapes, channels_last)")
 
 
+def overhead(n, size):
+    """The per-call cost of the frozen model's convolutions: a forward at a small input size
+    (size x size, where the arithmetic is negligible) as it is and with every conv replaced
+    by its recorded output, then each conv called alone on its recorded input, by kind."""
+    model, x = frozen_model(), torch.randn(n, 3, size, size).to(memory_format=torch.channels_last)
+    outputs, calls = {}, []
+    real_forward = FrozenConv.forward
+
+    def record(conv, inp, residual=None):
+        out = real_forward(conv, inp, residual)
+        outputs[id(conv)] = out
+        calls.append((conv, inp, residual))
+        return out
+
+    with torch.no_grad():
+        whole = median_ms(lambda: model(x), 50)
+        try:
+            FrozenConv.forward = record
+            model(x)
+            FrozenConv.forward = lambda conv, inp, residual=None: outputs[id(conv)]
+            without = median_ms(lambda: model(x), 50)
+        finally:
+            FrozenConv.forward = real_forward
+        alone = collections.defaultdict(list)
+        for conv, inp, residual in calls:
+            kind = ("depthwise" if conv.groups > 1 else "1x1" if conv.kernel_size == (1, 1) else "stem") + \
+                   (" + residual" if residual is not None else "") + (" + SiLU" if conv.act else "")
+            alone[kind].append(mean_us(lambda: conv(inp, residual), 200))
+    print(f"batch {n}, {size}x{size}: forward {whole:.2f} ms; with the {len(calls)} convs replaced by their outputs "
+          f"{without:.2f} ms")
+    for kind, us in alone.items():
+        print(f"  {kind:<22}{len(us):3d} calls, {sum(us) / len(us):6.1f} us a call alone")
+    print(f"  sum of the convs alone: {sum(map(sum, alone.values())) / 1e3:.2f} ms")
+
+
 def faults(n, repeats=5):
     model, x = frozen_model(), image(n)
     with torch.no_grad():
@@ -248,5 +285,6 @@ def faults(n, repeats=5):
 if __name__ == "__main__":
     mode, *rest = sys.argv[1:] or ["convs"]
     modes = {"ort": ort, "convs": convs, "onednn": onednn, "verbose": verbose, "ops": ops, "se": se, "train": train,
-             "depthwise": depthwise, "dwtrain": dwtrain, "faults": faults}
+             "depthwise": depthwise, "dwtrain": dwtrain, "overhead": overhead,
+             "faults": faults}
     modes[mode](*map(int, rest))
