@@ -5,6 +5,7 @@ import torch
 from backend_cases import GRADCHECK_BACKENDS, assert_close, backend_params, forward_backward_pair
 from effnet_fast.nn import DWConvBNSiLU, FusedDWConvBNSiLU
 from effnet_fast.ops import dwconv_bn_silu, dwconv_bn_silu_fn, kernels
+from effnet_fast.ops.backends import cpu_built
 from effnet_fast.ops.common import acc_dtype, tf_same_padding_2d
 
 # (N, C, H, W, kernel, stride): every depthwise class of B0-B7 (k 3/5, stride 1/2),
@@ -183,9 +184,7 @@ def test_kernel_ops_many_blocks(backend, device):
                 assert_close(a, e, torch.float32, f"{name}[{i}] k={ks}", scale=5)
 
 
-@pytest.mark.skipif(not hasattr(torch.ops.effnet_fast, "dwconv_bn_silu_forward")
-                    or not torch._C._dispatch_has_kernel_for_dispatch_key("effnet_fast::dwconv_bn_silu_forward", "CPU"),
-                    reason="the C++ CPU kernels are not built")
+@pytest.mark.skipif(not cpu_built(), reason="the C++ CPU kernels are not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_cpu_channels_last_wide_rows(dtype):
     """The CPU kernels' channels_last rows compute their interior pixels several at a

@@ -531,44 +531,36 @@ void forward_nhwc(const scalar_t* x, const acc_t* wt, const acc_t* scale, const 
   });
 }
 
-// Per-row (n, oh) mean and M2 of y per channel: row_mean / row_m2 are [N * OH][C].
-template <int K, typename scalar_t, typename acc_t>
-void stats_nhwc(const scalar_t* x, const acc_t* wt, double* row_mean, double* row_m2, const Geometry& geo) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  at::parallel_for(0, geo.N * geo.OH, 1, [&](int64_t begin, int64_t end) {
-    const Geometry g = geo;  // a local copy: vector stores may alias anything
-    std::vector<Vec> ys(g.OW);
-    const Vec inv_count(acc_t(1) / acc_t(g.OW));
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / g.OH, oh = task % g.OH;
-      const scalar_t* image = x + n * g.H * g.W * g.C;
-      for (int64_t c = 0; c < g.C; c += V) {
-        const int64_t cnt = std::min(V, g.C - c);
-        const TapWeights<K, acc_t> tw(wt, g.C, c, cnt);
-        conv_row<K>(image, g, oh, c, tw.w, cnt, ys.data());
-        Vec sum(acc_t(0));
-        for (int64_t ow = 0; ow < g.OW; ++ow) sum = sum + ys[ow];
-        const Vec mean = sum * inv_count;
-        Vec sq(acc_t(0));
-        for (int64_t ow = 0; ow < g.OW; ++ow) sq = at::vec::fmadd(ys[ow] - mean, ys[ow] - mean, sq);
-        __at_align__ acc_t mean_l[V], sq_l[V];
-        mean.store(mean_l);
-        sq.store(sq_l);
-        for (int64_t l = 0; l < cnt; ++l) {
-          row_mean[task * g.C + c + l] = mean_l[l];
-          row_m2[task * g.C + c + l] = sq_l[l];
-        }
-      }
-    }
-  });
-}
-
 template <typename acc_t>
 void store_lanes(double* dst, const Vectorized<acc_t>& v, int64_t cnt) {
   __at_align__ acc_t lanes[Vectorized<acc_t>::size()];
   v.store(lanes);
   for (int64_t l = 0; l < cnt; ++l) dst[l] = lanes[l];
+}
+
+// Per-row (n, oh) mean and M2 of y per channel: row_mean / row_m2 are [N * OH][C].
+template <int K, typename scalar_t, typename acc_t>
+void stats_nhwc(const scalar_t* x, const acc_t* wt, double* row_mean, double* row_m2, const Geometry& geo) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  for_each_output_row<acc_t>(geo, [&](int64_t n, int64_t oh, Vec* ys) {
+    const Geometry g = geo;  // a local copy: vector stores may alias anything
+    const int64_t task = n * g.OH + oh;
+    const scalar_t* image = x + n * g.H * g.W * g.C;
+    const Vec inv_count(acc_t(1) / acc_t(g.OW));
+    for (int64_t c = 0; c < g.C; c += V) {
+      const int64_t cnt = std::min(V, g.C - c);
+      const TapWeights<K, acc_t> tw(wt, g.C, c, cnt);
+      conv_row<K>(image, g, oh, c, tw.w, cnt, ys);
+      Vec sum(acc_t(0));
+      for (int64_t ow = 0; ow < g.OW; ++ow) sum = sum + ys[ow];
+      const Vec mean = sum * inv_count;
+      Vec sq(acc_t(0));
+      for (int64_t ow = 0; ow < g.OW; ++ow) sq = at::vec::fmadd(ys[ow] - mean, ys[ow] - mean, sq);
+      store_lanes(row_mean + task * g.C + c, mean, cnt);
+      store_lanes(row_m2 + task * g.C + c, sq, cnt);
+    }
+  });
 }
 
 // Per-row (n, oh) sums of dz and dz * (y - mean): [N * OH][C].
